@@ -21,6 +21,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "hf", "http", "https")
 # Files a model needs; .bin / .pt / .pth pickles are never fetched or loaded.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "1_Pooling/*", "2_Normalize/*"]
+# What CPU stages (tokenizer, driver-side validation) need: configs and tokenizer files, no weights.
+METADATA_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "merges.txt", "1_Pooling/*"]
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,16 @@ def resolve_model_dir(
     revision: str | None = None,
     cache_dir: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    metadata_only: bool = False,
 ) -> str:
     """A local directory holding the model: the path itself, a per-machine cached copy of a remote prefix, or a
-    hub snapshot. Every failure is one line that names the source."""
+    hub snapshot. ``metadata_only`` fetches configs and tokenizer files but no weights. Every failure is one line
+    that names the source."""
     scheme = source.split("://", 1)[0] if "://" in source else ""
+    only = METADATA_PATTERNS if metadata_only else None
     if scheme in _REMOTE_SCHEMES and scheme not in ("hf", "http", "https"):
         try:
-            path, _ = storage.copy_prefix_to_cache(source, cache_dir or default_cache_dir(), storage_options)
+            path, _ = storage.copy_prefix_to_cache(source, cache_dir or default_cache_dir(), storage_options, only)
         except RayembedError as e:
             raise ModelLoadError(f"cannot load model {source!r}: {e}") from None
         except Exception as e:  # network / credentials: still one line
@@ -79,16 +84,16 @@ def resolve_model_dir(
         raise ModelLoadError(f"model path {source!r} is a file; --model takes a directory with config.json")
     if local.startswith((".", "/", "~")) or not _HUB_ID.match(local):
         raise ModelLoadError(f"model path {source!r} does not exist; {_hint(source)}")
-    return _hub_snapshot(local, revision, cache_dir)
+    return _hub_snapshot(local, revision, only or _HUB_PATTERNS)
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
+def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(
-            repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline, cache_dir=None
+            repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline
         )
     except Exception as e:
         reason = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else storage.describe_error(e)
@@ -105,14 +110,14 @@ def _read_json(path: str) -> dict[str, Any] | None:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
 
 
-def inspect_model_dir(path: str, source: str | None = None) -> ModelSpec:
+def inspect_model_dir(path: str, source: str | None = None, require_weights: bool = True) -> ModelSpec:
     """Classify a model directory as Qwen3 (last-token pooling) or sentence-transformers (its Pooling config)."""
     source = source or path
     config = _read_json(os.path.join(path, "config.json"))
     if config is None:
         raise ModelLoadError(f"model {source!r} has no config.json; is {path!r} a Hugging Face model directory?")
     files = os.listdir(path)
-    if not any(f.endswith(".safetensors") for f in files):
+    if require_weights and not any(f.endswith(".safetensors") for f in files):
         pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth"))]
         what = f"only pickle weights ({', '.join(sorted(pickles))})" if pickles else "no weights"
         raise ModelLoadError(f"model {source!r} has {what}; rayembed loads safetensors only")

@@ -283,17 +283,15 @@ def remove(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -
             fs.rm_file(path)
 
 
-def same_location(a: str, b: str) -> bool:
-    """True when one URL is the other or contains it (output inside input or the reverse)."""
+def is_within(child: str, parent: str) -> bool:
+    """True when ``child`` is ``parent`` or lies under it (an output inside an input directory, say)."""
 
     def norm(u: str) -> str:
         if is_local(u):
-            u = u.split("://", 1)[-1]
-            return os.path.realpath(u).rstrip("/") + "/"
+            return os.path.realpath(u.split("://", 1)[-1]).rstrip("/") + "/"
         return u.rstrip("/") + "/"
 
-    na, nb = norm(a), norm(b)
-    return na.startswith(nb) or nb.startswith(na)
+    return norm(child).startswith(norm(parent))
 
 
 # -------------------------------------------------------------------------------------------- model directory copies
@@ -316,16 +314,20 @@ def prefix_fingerprint(url: str, storage_options: dict[str, Any] | None = None) 
 
 
 def copy_prefix_to_cache(
-    url: str, cache_root: str, storage_options: dict[str, Any] | None = None
+    url: str, cache_root: str, storage_options: dict[str, Any] | None = None, only: Sequence[str] | None = None
 ) -> tuple[str, bool]:
     """Copy a remote model prefix into ``cache_root`` once per machine; returns (local dir, copied by this call).
 
     Concurrent callers (actors on one node) serialise on an flock; the first copies into a temp dir and renames it,
     the others find the finished copy. The cache key includes the listing's ETags, so a changed model is re-copied.
+    ``only`` (fnmatch patterns) copies a subset, e.g. the tokenizer and config files for CPU-only stages.
     """
     import fcntl
 
     key, files = prefix_fingerprint(url, storage_options)
+    if only is not None:
+        files = [(rel, size) for rel, size in files if any(fnmatch.fnmatch(rel, pat) for pat in only)]
+        key += "-" + hashlib.sha256("\0".join(only).encode()).hexdigest()[:8]
     os.makedirs(cache_root, exist_ok=True)
     name = posixpath.basename(url.rstrip("/")) or "model"
     final = os.path.join(cache_root, f"{name}-{key}")

@@ -1,0 +1,242 @@
+"""The embedding backfill job: ``python -m pipelines.embed`` (what ``ray job submit`` runs) and ``rayembed embed``.
+
+plan -> read (CPU tasks) -> tokenize (CPU tasks) -> embed (actor pool) -> write parts (CPU tasks) -> commit markers
+-> manifest. The driver only sees one small record per written part, so its memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from operators import __version__, storage
+from operators.errors import ConfigError, RayembedError
+from operators.loading import inspect_model_dir, resolve_model_dir
+from operators.storage import Shard
+from pipelines import commit
+from pipelines.config import EmbedJobConfig
+from pipelines.stages import EmbedStage, read_shards, tokenize_block, write_parts
+
+log = logging.getLogger("rayembed")
+
+
+@dataclass
+class EmbedSummary:
+    shards: int
+    processed: int
+    skipped: int
+    docs: int
+    tokens: int
+    files: int
+    quarantined: int
+    truncated: int
+    elapsed: float
+    output: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"rayembed embed: {self.shards} shards ({self.processed} processed, {self.skipped} already committed), "
+            f"{self.docs} docs, {self.tokens} tokens, {self.tokens_per_s:,.0f} tokens/s, {self.files} files written, "
+            f"{self.quarantined} rows quarantined, {self.truncated} truncated, {self.elapsed:.1f}s -> {self.output}"
+        )
+
+
+def _model_info(cfg: EmbedJobConfig) -> dict[str, Any]:
+    """Validate the model on the driver from its configs alone (no weights), so bad options fail before Ray work."""
+    path = resolve_model_dir(cfg.model, revision=cfg.revision, storage_options=cfg.storage_options, metadata_only=True)
+    spec = inspect_model_dir(path, source=cfg.model, require_weights=False)
+    dim = cfg.dim or spec.hidden_size
+    if not 32 <= dim <= spec.hidden_size:
+        raise ConfigError(f"--dim must be in 32..{spec.hidden_size} (the model's hidden size), got {dim}")
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {
+        "source": cfg.model,
+        "revision": cfg.revision,
+        "family": spec.family,
+        "pooling": spec.pooling,
+        "hidden_size": spec.hidden_size,
+        "dim": dim,
+        "config_sha256": config_digest,
+    }
+
+
+def _file_metadata(cfg: EmbedJobConfig, model: dict[str, Any]) -> dict[str, str]:
+    return {
+        "rayembed.version": __version__,
+        "rayembed.model": cfg.model,
+        "rayembed.revision": cfg.revision or "",
+        "rayembed.dim": str(model["dim"]),
+        "rayembed.normalized": "l2",
+        "rayembed.pooling": model["pooling"],
+        "rayembed.instruction": cfg.instruction or "",
+        "rayembed.max_length": str(cfg.max_length),
+        "rayembed.dtype": cfg.output_dtype,
+    }
+
+
+def _check_columns(shard: Shard, cfg: EmbedJobConfig) -> None:
+    """Fail fast on a missing id/text column, from the first shard's schema or first line."""
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open_input(shard, cfg.storage_options) as f:
+            if shard.fmt == "parquet":
+                names = pq.ParquetFile(f).schema_arrow.names
+            else:
+                line = b""
+                for line in f:
+                    if line.strip():
+                        break
+                names = list(json.loads(line).keys()) if line.strip() else None
+    except Exception:
+        return  # an unreadable shard is quarantined per shard by the reader, not fatal here
+    if names is None:
+        return
+    for role, col in (("--id-column", cfg.id_column), ("--text-column", cfg.text_column)):
+        if col not in names:
+            raise ConfigError(f"{role} {col!r} not found in {shard.url} (columns: {', '.join(names)})")
+    missing = [c for c in cfg.passthrough if c not in names]
+    if missing:
+        raise ConfigError(f"--passthrough column(s) {', '.join(missing)} not found in {shard.url}")
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Local mode: Ray starts in-process and stops with the driver.
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _num_gpus(cfg: EmbedJobConfig) -> float:
+    import ray
+
+    if cfg.num_gpus is not None:
+        return cfg.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def plan_job(cfg: EmbedJobConfig) -> tuple[list[Shard], list[Shard], dict[str, dict[str, Any]], str, dict[str, Any]]:
+    shards = storage.list_shards(cfg.input, cfg.storage_options)
+    for item in cfg.input:
+        root = item.split("*")[0].split("?")[0].split("[")[0]
+        if storage.is_within(cfg.output, root):
+            raise ConfigError(f"--output {cfg.output!r} is inside --input {item!r}; write outputs to another prefix")
+    model = _model_info(cfg)
+    _check_columns(shards[0], cfg)
+    key = commit.output_key({
+        "model": model["source"], "revision": cfg.revision, "config_sha256": model["config_sha256"],
+        "dim": model["dim"], "instruction": cfg.instruction, "max_length": cfg.max_length,
+        "output_dtype": cfg.output_dtype, "id_column": cfg.id_column, "text_column": cfg.text_column,
+        "passthrough": list(cfg.passthrough),
+    })
+    markers = commit.load_markers(cfg.output, cfg.storage_options)
+    pending, _done = commit.plan(shards, markers, key)
+    return shards, pending, markers, key, model
+
+
+def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, Any]):
+    import ray
+    import ray.data
+
+    items = [
+        {"url": s.url, "stem": s.stem, "fmt": s.fmt, "compression": s.compression or "", "size": s.size,
+         "version": s.version}
+        for s in pending
+    ]
+    so = cfg.storage_options
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_shards, batch_size=1, batch_format="numpy",
+        fn_kwargs={"id_column": cfg.id_column, "text_column": cfg.text_column, "passthrough": cfg.passthrough,
+                   "rows_per_block": cfg.rows_per_block, "storage_options": so},
+    )
+    ds = ds.map_batches(
+        tokenize_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"model": cfg.model, "revision": cfg.revision, "max_length": cfg.max_length,
+                   "instruction": cfg.instruction, "text_column": cfg.text_column,
+                   "drop_text": cfg.text_column not in cfg.passthrough, "storage_options": so},
+    )
+    ds = ds.map_batches(
+        EmbedStage, batch_size=None, batch_format="pyarrow",
+        fn_constructor_kwargs={"model": cfg.model, "dim": model["dim"], "instruction": cfg.instruction,
+                               "max_length": cfg.max_length, "batch_tokens": cfg.batch_tokens, "device": cfg.device,
+                               "dtype": cfg.dtype, "output_dtype": cfg.output_dtype, "revision": cfg.revision,
+                               "trust_remote_code": cfg.trust_remote_code, "storage_options": so},
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
+        num_gpus=_num_gpus(cfg), num_cpus=cfg.num_cpus,
+        max_restarts=-1, max_task_retries=-1,
+    )
+    return ds.map_batches(
+        write_parts, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"output": cfg.output, "id_column": cfg.id_column, "passthrough": cfg.passthrough,
+                   "metadata": _file_metadata(cfg, model), "storage_options": so},
+    )
+
+
+def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
+    t0 = time.time()
+    shards, pending, markers, key, model = plan_job(cfg)
+    log.info("planned %d shards: %d pending, %d already committed", len(shards), len(pending),
+             len(shards) - len(pending))
+    progress = {s.stem: commit.ShardProgress(s) for s in pending}
+    docs = tokens = files = quarantined = truncated = 0
+    if pending:
+        _init_ray(cfg.address)
+        ds = build_dataset(cfg, pending, model)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for rec in batch.to_pylist():
+                p = progress[rec["shard"]]
+                p.add(rec)
+                docs += rec["rows"]
+                tokens += rec["tokens"]
+                files += int(rec["file"] is not None)
+                quarantined += rec["errors"]
+                truncated += rec["truncated"]
+                if p.complete:
+                    markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, cfg.storage_options)
+        # The run finished without error, so every shard was read to its end: commit the rest (empty shards).
+        for p in progress.values():
+            if p.shard.stem not in markers or markers[p.shard.stem].get("fingerprint") != p.shard.fingerprint:
+                p.total = p.seen
+                markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, cfg.storage_options)
+    current = [markers[s.stem] for s in shards]
+    total_rows = sum(m["rows"] + m["errors"] for m in current)
+    total_errors = sum(m["errors"] for m in current)
+    if total_rows and total_errors / total_rows > cfg.max_error_ratio:
+        # Shards stay committed (a rerun does not redo them) but no manifest vouches for this output.
+        raise RayembedError(
+            f"{total_errors} of {total_rows} rows ({total_errors / total_rows:.2%}) were quarantined, above "
+            f"--max-error-ratio {cfg.max_error_ratio:.2%}; no manifest written; see {storage.join(cfg.output, '_errors')}"
+        )
+    commit.write_manifest(cfg.output, current, cfg.public(), model, cfg.storage_options)
+    return EmbedSummary(
+        shards=len(shards), processed=len(pending), skipped=len(shards) - len(pending), docs=docs, tokens=tokens,
+        files=files, quarantined=quarantined, truncated=truncated, elapsed=time.time() - t0, output=cfg.output,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["embed", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The per-block functions of the embed graph: read a shard, tokenize, embed, write parts.
+
+Every block carries ``_shard`` (the shard's stem), ``_offset`` (row number in the shard) and ``error`` /
+``error_type`` (null for good rows), so a bad row travels to the writer and is quarantined instead of lost.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from operators import storage
+from operators.embedder import Embedder
+from operators.loading import inspect_model_dir, load_tokenizer, resolve_model_dir
+from operators.storage import Shard
+from operators.tokenization import TextEncoder, ids_to_arrow
+
+log = logging.getLogger("rayembed")
+
+ERROR_SCHEMA = pa.schema(
+    [("id", pa.string()), ("shard", pa.string()), ("row_offset", pa.int64()), ("error_type", pa.string()),
+     ("message", pa.string())]
+)
+RECORD_FIELDS = ("shard", "part", "file", "rows", "errors", "errors_file", "tokens", "truncated", "shard_rows")
+# Test hook: an embed actor exits hard after this many batches (fault-injection tests of actor death).
+ACTOR_EXIT_ENV = "RAYEMBED_TEST_ACTOR_EXIT_AFTER"
+
+
+def part_name(stem: str, first_offset: int) -> str:
+    return f"{stem}-{first_offset:012d}.parquet"
+
+
+def part_pattern(stem: str) -> re.Pattern[str]:
+    """Matches exactly the part files of ``stem`` (not those of a stem that merely starts with it)."""
+    return re.compile(re.escape(stem) + r"-\d{12}\.parquet$")
+
+
+# ------------------------------------------------------------------------------------------------------------ read
+
+
+def _error_row(offset: int, err_type: str, message: str) -> dict[str, Any]:
+    return {"_offset": offset, "error": message, "error_type": err_type}
+
+
+def _table(rows: list[dict[str, Any]], stem: str, columns: list[str], shard_rows: int) -> pa.Table:
+    data: dict[str, Any] = {"_shard": pa.array([stem] * len(rows), pa.string())}
+    data["_offset"] = pa.array([r["_offset"] for r in rows], pa.int64())
+    data["_shard_rows"] = pa.array([shard_rows] * len(rows), pa.int64())
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        try:
+            data[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed JSON types in one column (ints and strings): keep them as JSON text rather than lose rows.
+            data[c] = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values])
+    data["error"] = pa.array([r.get("error") for r in rows], pa.string())
+    data["error_type"] = pa.array([r.get("error_type") for r in rows], pa.string())
+    return pa.table(data)
+
+
+def _jsonl_rows(f, columns: list[str]) -> Iterator[dict[str, Any]]:
+    for offset, raw in enumerate(f):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _error_row(offset, "InvalidUTF8", f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if not line.strip():
+            yield _error_row(offset, "EmptyLine", "blank line")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _error_row(offset, "MalformedJSON", f"malformed JSON: {e.msg} at column {e.colno}")
+            continue
+        if not isinstance(obj, dict):
+            yield _error_row(offset, "MalformedJSON", f"line is a JSON {type(obj).__name__}, not an object")
+            continue
+        row = {c: obj.get(c) for c in columns}
+        row["_offset"] = offset
+        yield row
+
+
+def _parquet_rows(f, columns: list[str], rows_per_block: int) -> Iterator[pa.Table]:
+    pf = pq.ParquetFile(f)
+    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    if missing:
+        raise KeyError(f"column(s) {missing} not in shard (has {pf.schema_arrow.names})")
+    yield from (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=rows_per_block, columns=columns))
+
+
+def read_shard(
+    shard: Shard, *, id_column: str, text_column: str, passthrough: tuple[str, ...], rows_per_block: int,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[pa.Table]:
+    """Blocks of at most ``rows_per_block`` rows. The last block carries the shard's row count in ``_shard_rows``
+    (-1 before); an unreadable or truncated shard ends with one shard-level error row."""
+    columns = list(dict.fromkeys([id_column, text_column, *passthrough]))
+    done = 0
+    pending: pa.Table | None = None
+
+    def stamp(t: pa.Table, total: int) -> pa.Table:
+        return t.set_column(t.schema.get_field_index("_shard_rows"), "_shard_rows", pa.array([total] * len(t), pa.int64()))
+
+    def flush_last(total: int) -> Iterator[pa.Table]:
+        if pending is not None:
+            yield stamp(pending, total)
+
+    try:
+        with storage.open_input(shard, storage_options) as f:
+            if shard.fmt == "parquet":
+                for t in _parquet_rows(f, columns, rows_per_block):
+                    n = len(t)
+                    t = t.select(columns)
+                    block = pa.table(
+                        {"_shard": pa.array([shard.stem] * n, pa.string()),
+                         "_offset": pa.array(np.arange(done, done + n), pa.int64()),
+                         "_shard_rows": pa.array([-1] * n, pa.int64()),
+                         **{c: t[c] for c in columns},
+                         "error": pa.nulls(n, pa.string()), "error_type": pa.nulls(n, pa.string())}
+                    )
+                    if pending is not None:
+                        yield pending
+                    pending, done = block, done + n
+            else:
+                buf: list[dict[str, Any]] = []
+                for row in _jsonl_rows(f, columns):
+                    buf.append(row)
+                    if len(buf) >= rows_per_block:
+                        if pending is not None:
+                            yield pending
+                        pending, done = _table(buf, shard.stem, columns, -1), done + len(buf)
+                        buf = []
+                if buf:
+                    if pending is not None:
+                        yield pending
+                    pending, done = _table(buf, shard.stem, columns, -1), done + len(buf)
+    except Exception as e:
+        yield from flush_last(-1)
+        kind = "MissingColumn" if isinstance(e, KeyError) else "CorruptShard"
+        msg = f"shard unreadable after {done} rows: {storage.describe_error(e)}"
+        yield _table([{"_offset": done, "error": msg, "error_type": kind}], shard.stem, columns, done + 1)
+        return
+    # An empty shard yields nothing; the driver commits it with zero rows once the whole run has succeeded.
+    yield from flush_last(done)
+
+
+def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
+    """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
+    for i in range(len(batch["url"])):
+        shard = Shard(
+            url=str(batch["url"][i]), stem=str(batch["stem"][i]), fmt=str(batch["fmt"][i]),
+            compression=batch["compression"][i] or None, size=int(batch["size"][i]), version=str(batch["version"][i]),
+        )
+        yield from read_shard(shard, **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------------- tokenize
+
+_ENCODERS: dict[tuple, TextEncoder] = {}
+
+
+def _encoder(model: str, revision: str | None, max_length: int, instruction: str | None,
+             storage_options: dict[str, Any] | None) -> TextEncoder:
+    # One tokenizer per worker process: Ray reuses workers across tasks, so the load happens once, not per block.
+    key = (model, revision, max_length, instruction)
+    if key not in _ENCODERS:
+        path = resolve_model_dir(model, revision=revision, storage_options=storage_options, metadata_only=True)
+        spec = inspect_model_dir(path, source=model, require_weights=False)
+        _ENCODERS[key] = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
+    return _ENCODERS[key]
+
+
+def tokenize_block(
+    table: pa.Table, *, model: str, revision: str | None, max_length: int, instruction: str | None, text_column: str,
+    drop_text: bool, storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    enc = _encoder(model, revision, max_length, instruction, storage_options)
+    texts = table[text_column].to_pylist()
+    prior = table["error"].to_pylist()
+    encoded = enc.encode([t if p is None else "" for t, p in zip(texts, prior)])
+    errors, types = table["error"].to_pylist(), table["error_type"].to_pylist()
+    for i, err in enumerate(encoded.errors):
+        if err is not None and errors[i] is None:
+            errors[i], types[i] = err, "InvalidText"
+    ids = [x if e is None else x[:0] for x, e in zip(encoded.ids, errors)]
+    out = table.drop_columns([text_column]) if drop_text else table
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+    out = out.set_column(out.schema.get_field_index("error_type"), "error_type", pa.array(types, pa.string()))
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    return (
+        out.append_column("input_ids", ids_to_arrow(ids))
+        .append_column("num_tokens", pa.array(lengths, pa.int32()))
+        .append_column("truncated", pa.array(encoded.truncated & (lengths > 0)))
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- embed
+
+
+class EmbedStage(Embedder):
+    """The model actor: embeds the valid rows of a tokenized block and drops the ids before the block moves on."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._batches = 0
+        exit_after = os.environ.get(ACTOR_EXIT_ENV)
+        self._exit_after = int(exit_after) if exit_after else None
+        log.info("embed actor ready: %s on %s/%s, %.1f MB of weights", self.spec.source, self.device, self.dtype,
+                 self.model_bytes / 2**20)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = super().__call__(batch).drop_columns(["input_ids"])
+        self._batches += 1
+        if self._exit_after is not None and self._batches >= self._exit_after:
+            os._exit(1)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------- write
+
+
+def write_parts(
+    table: pa.Table, *, output: str, id_column: str, passthrough: tuple[str, ...], metadata: dict[str, str],
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    """Write each shard's rows of this block as one immutable part, named by the shard and its first row offset,
+    plus a quarantine part for its bad rows. Returns one small record per part for the driver's commit."""
+    records = []
+    kv = {k.encode(): v.encode() for k, v in metadata.items()}
+    for stem in pc.unique(table["_shard"]).to_pylist():
+        sub = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
+        first = int(sub["_offset"][0].as_py())
+        bad_mask = pc.is_valid(sub["error"])
+        good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
+        rec = {"shard": stem, "part": first, "file": None, "rows": len(good), "errors": len(bad),
+               "errors_file": None, "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
+               "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
+               "shard_rows": int(pc.max(sub["_shard_rows"]).as_py())}
+        if len(good):
+            data = pa.table({"id": good[id_column], "embedding": good["embedding"],
+                             **{c: good[c] for c in passthrough}})
+            data = data.replace_schema_metadata({**(data.schema.metadata or {}), **kv})
+            rel = f"data/{part_name(stem, first)}"
+            _write_parquet(data, storage.join(output, rel), storage_options)
+            rec["file"] = rel
+        if len(bad):
+            ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
+            errs = pa.table({
+                "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
+                "shard": pa.array([stem] * len(bad), pa.string()),
+                "row_offset": bad["_offset"],
+                "error_type": bad["error_type"],
+                "message": bad["error"],
+            }, schema=ERROR_SCHEMA)
+            rel = f"_errors/{part_name(stem, first)}"
+            _write_parquet(errs, storage.join(output, rel), storage_options)
+            rec["errors_file"] = rel
+        records.append(rec)
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+RECORD_SCHEMA = pa.schema(
+    [("shard", pa.string()), ("part", pa.int64()), ("file", pa.string()), ("rows", pa.int64()),
+     ("errors", pa.int64()), ("errors_file", pa.string()), ("tokens", pa.int64()), ("truncated", pa.int64()),
+     ("shard_rows", pa.int64())]
+)
+
+
+def _write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any] | None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(url, buf.getvalue(), storage_options)
