@@ -33,7 +33,14 @@ import torch
 from operators import DEFAULT_INSTRUCTION
 from operators.batching import DEFAULT_BATCH_TOKENS, BatchStats, MicroBatcher, pad_batch, pick_device, pick_dtype
 from operators.errors import ConfigError, InvalidInputError, ModelLoadError
-from operators.loading import QWEN_EOD_TOKEN, ModelSpec, inspect_model_dir, load_model, load_tokenizer, resolve_model_dir
+from operators.loading import (
+    QWEN_EOD_TOKEN,
+    ModelSpec,
+    inspect_model_dir,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+)
 
 log = logging.getLogger("rayembed")
 
@@ -177,12 +184,16 @@ class Reranker:
         eod = tok.convert_tokens_to_ids(QWEN_EOD_TOKEN)
         self.pad_id = int(eod if isinstance(eod, int) and eod != tok.unk_token_id else tok.pad_token_id or 0)
 
-        lm = load_model(spec, dtype=self.dtype, device=self.device, causal_lm=True, trust_remote_code=trust_remote_code)
+        lm = load_model(
+            spec, dtype=self.dtype, device=self.device, causal_lm=True, trust_remote_code=trust_remote_code
+        )
         head = lm.get_output_embeddings()
         if head is None or not hasattr(lm, "model"):
             raise ModelLoadError(f"model {spec.source!r} loaded without a language-model head; the reranker needs one")
         if max(self.yes_id, self.no_id) >= head.weight.shape[0]:
-            raise ModelLoadError(f"model {spec.source!r}: lm_head has {head.weight.shape[0]} rows, fewer than the vocab")
+            raise ModelLoadError(
+                f"model {spec.source!r}: lm_head has {head.weight.shape[0]} rows, fewer than the vocab"
+            )
         # The only two rows of lm_head the score needs: [no, yes], kept in float32 (the logits are computed in fp32).
         self.head = head.weight.detach()[[self.no_id, self.yes_id]].float().contiguous()
         # Keep the backbone alone; an untied lm_head (1.2 GB for the 8B in bf16) is freed with the wrapper.
@@ -215,7 +226,7 @@ class Reranker:
         if good:
             bodies = [format_body(self.instruction, queries[i], docs[i]) for i in good]
             raw = self.tokenizer(bodies, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            for i, body in zip(good, raw):
+            for i, body in zip(good, raw, strict=True):
                 if len(body) > self.body_max:
                     truncated[i] = True
                     body = body[: self.body_max]

@@ -62,6 +62,9 @@ def is_local(url: str) -> bool:
 def _with_defaults(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     opts = dict(storage_options or {})
     if _protocol(url) in ("s3", "s3a"):
+        # Other processes (Ray workers, other jobs) write under the same prefixes: a cached listing would hide their
+        # files, and s3fs consults it even for a plain read.
+        opts.setdefault("use_listings_cache", False)
         cfg = dict(_S3_DEFAULT_CONFIG)
         cfg.update(opts.get("config_kwargs", {}))
         opts["config_kwargs"] = cfg
@@ -173,7 +176,7 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict[str, Any] | N
                 raise ConfigError(f"input {item!r} does not exist")
         except RayembedError:
             raise
-        except (FileNotFoundError, PermissionError, OSError) as e:
+        except Exception as e:  # botocore/aiohttp errors are not OSErrors; all of them end in one line
             raise StorageError(f"cannot list input {item!r}: {describe_error(e)}") from None
         for p, info in entries:
             rel = posixpath.relpath(p, root) if len(items) == 1 else posixpath.basename(p)
@@ -302,7 +305,7 @@ def prefix_fingerprint(url: str, storage_options: dict[str, Any] | None = None) 
     fs, path = get_fs(url, storage_options)
     try:
         detail = fs.find(path, detail=True)
-    except (FileNotFoundError, OSError) as e:
+    except Exception as e:
         raise StorageError(f"cannot list model prefix {url!r}: {describe_error(e)}") from None
     files = sorted((posixpath.relpath(p, path.rstrip("/")), i) for p, i in detail.items() if i.get("type") != "directory")
     if not files:

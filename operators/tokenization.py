@@ -87,16 +87,20 @@ class TextEncoder:
         truncated = np.zeros(len(texts), dtype=bool)
         if good:
             formatted = [self.format(texts[i]) for i in good]
-            raw = self.tokenizer(formatted, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            batch = self.tokenizer(formatted, add_special_tokens=False, return_attention_mask=False)
             keep = self.max_length - self.n_special
-            for i, row in zip(good, raw):
+            for k, (i, row) in enumerate(zip(good, batch["input_ids"])):
                 if len(row) > keep:
                     truncated[i] = True
                     row = row[:keep]
                 if self.eod_id is not None:
                     row = [*row, self.eod_id]
                 else:
-                    row = self.tokenizer.build_inputs_with_special_tokens(row)
+                    # Fast tokenizers in transformers 5 have no build_inputs_with_special_tokens; the backend's
+                    # post-processor adds the model's specials ([CLS] ... [SEP]) as tokenizer(..., truncation=True) does.
+                    enc = batch.encodings[k]
+                    enc.truncate(keep)
+                    row = self.tokenizer.backend_tokenizer.post_process(enc, None, True).ids
                 ids[i] = np.asarray(row, dtype=np.int32)
         return Encoded(ids=ids, truncated=truncated, errors=errors)
 

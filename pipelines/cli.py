@@ -94,6 +94,28 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        nxt = getattr(e, "cause", None) or e.__cause__
+        if nxt is None:
+            break
+        e = nxt
+    return e
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    mod = type(e).__module__ or ""
+    return isinstance(e, OSError) or mod.startswith(("botocore", "aiobotocore", "s3fs", "aiohttp", "gcsfs"))
+
+
+def _one_line(e: BaseException) -> str:
+    from operators.storage import describe_error
+
+    return str(e) if isinstance(e, RayembedError) else describe_error(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
@@ -103,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     except RayembedError as e:
         print(f"rayembed: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        cause = _root_cause(e)
+        if isinstance(cause, RayembedError) or _is_storage_error(cause):
+            # A worker's storage or input error, wrapped by Ray: the traceback is in the Ray logs above.
+            print(f"rayembed: error: {_one_line(cause)}", file=sys.stderr, flush=True)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("rayembed: interrupted; committed shards are kept and a rerun resumes", file=sys.stderr)
         return 130

@@ -180,8 +180,9 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
                                "dtype": cfg.dtype, "output_dtype": cfg.output_dtype, "revision": cfg.revision,
                                "trust_remote_code": cfg.trust_remote_code, "storage_options": so},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
+        # Ray Data's defaults restart dead actors and retry their tasks forever (max_restarts=-1,
+        # max_task_retries=-1): at-least-once execution, made exactly-once by deterministic names and markers.
         num_gpus=_num_gpus(cfg), num_cpus=cfg.num_cpus,
-        max_restarts=-1, max_task_retries=-1,
     )
     return ds.map_batches(
         write_parts, batch_size=None, batch_format="pyarrow",

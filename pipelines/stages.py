@@ -23,7 +23,7 @@ from operators import storage
 from operators.embedder import Embedder
 from operators.loading import inspect_model_dir, load_tokenizer, resolve_model_dir
 from operators.storage import Shard
-from operators.tokenization import TextEncoder, ids_to_arrow
+from operators.tokenization import TextEncoder, ids_to_arrow, text_error
 
 log = logging.getLogger("rayembed")
 
@@ -68,7 +68,7 @@ def _table(rows: list[dict[str, Any]], stem: str, columns: list[str], shard_rows
     return pa.table(data)
 
 
-def _jsonl_rows(f, columns: list[str]) -> Iterator[dict[str, Any]]:
+def _jsonl_rows(f, columns: list[str], text_column: str) -> Iterator[dict[str, Any]]:
     for offset, raw in enumerate(f):
         try:
             line = raw.decode("utf-8")
@@ -88,6 +88,11 @@ def _jsonl_rows(f, columns: list[str]) -> Iterator[dict[str, Any]]:
             continue
         row = {c: obj.get(c) for c in columns}
         row["_offset"] = offset
+        err = text_error(row[text_column])
+        if err is not None:
+            # Judge the text before Arrow sees it: a mixed-type column would otherwise coerce 5 into "5".
+            row.update(error=err, error_type="InvalidText")
+            row[text_column] = None
         yield row
 
 
@@ -134,7 +139,7 @@ def read_shard(
                     pending, done = block, done + n
             else:
                 buf: list[dict[str, Any]] = []
-                for row in _jsonl_rows(f, columns):
+                for row in _jsonl_rows(f, columns, text_column):
                     buf.append(row)
                     if len(buf) >= rows_per_block:
                         if pending is not None:

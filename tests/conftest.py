@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 
 import pytest
 
@@ -15,6 +16,8 @@ if REPO not in sys.path:
 # No test may reach a hub; a model id that is not local must fail fast and clearly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model copies from s3:// land in a per-session cache; set before Ray starts so its workers inherit it.
+os.environ.setdefault("RAYEMBED_CACHE", tempfile.mkdtemp(prefix="rayembed-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,11 @@ from operators.reranker import RERANK_PREFIX, RERANK_SUFFIX, Reranker
 
 SHORT_MAX = 128  # prefix (39) + suffix (9) leave 80 body tokens: long pairs get truncated
 
-_WORDS = (
+_VOCABULARY = (
     "the capital of China is Beijing gravity force attracts bodies planets sun river mountain data vector search "
-    "query document relevance 北京 是 中国 的 首都 café naïve résumé 42 3.14 {braces} <tags> \"quoted\" it's — ✓"
-).split()
+    'query document relevance 北京 是 中国 的 首都 café naïve résumé 42 3.14 {braces} <tags> "quoted" it\'s — ✓'
+)
+_WORDS = _VOCABULARY.split()
 
 
 def _text(rng: random.Random, n_words: int) -> str:
@@ -65,7 +66,7 @@ class OfficialQwen3Reranker:
     def format_instruction(instruction, query, doc):
         if instruction is None:
             instruction = "Given a web search query, retrieve relevant passages that answer the query"
-        output = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}".format(
+        output = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}".format(  # noqa: UP032
             instruction=instruction, query=query, doc=doc
         )
         return output
@@ -127,8 +128,11 @@ def test_yes_no_ids_and_head_slice(reranker, official):
     assert reranker.head.shape == (2, official.model.config.hidden_size)
     assert torch.equal(reranker.head, official.model.lm_head.weight[[2152, 9693]].float())
     # The full lm_head is not kept: only the backbone and the two rows.
-    assert not any(p.shape[0] == official.model.config.vocab_size for n, p in reranker.model.named_parameters()
-                   if "embed" not in n)
+    assert not any(
+        p.shape[0] == official.model.config.vocab_size
+        for n, p in reranker.model.named_parameters()
+        if "embed" not in n
+    )
     assert reranker.model_bytes < sum(p.numel() * 4 for p in official.model.parameters())
 
 
@@ -158,7 +162,10 @@ def test_custom_instruction_matches_reference(qwen_lm_dir, official):
     ref = official.score(pairs, instruction="Given a question, find passages that answer it")
     assert np.abs(r.score(pairs) - ref).max() <= 1e-5
     assert Reranker.__init__.__kwdefaults__["instruction"] is None
-    assert official.format_instruction(None, "q", "d") == "<Instruct>: " + DEFAULT_INSTRUCTION + "\n<Query>: q\n<Document>: d"
+    assert (
+        official.format_instruction(None, "q", "d")
+        == "<Instruct>: " + DEFAULT_INSTRUCTION + "\n<Query>: q\n<Document>: d"
+    )
 
 
 def test_two_row_head_equals_full_head(reranker, official):
@@ -190,7 +197,8 @@ def test_truncation_keeps_prefix_and_suffix(short_reranker):
         assert row[: len(prefix)].tolist() == prefix and row[-len(suffix) :].tolist() == suffix
     # The body keeps its first tokens.
     body = short_reranker.tokenizer.encode(
-        f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: what is gravity?\n<Document>: {long_doc}", add_special_tokens=False
+        f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: what is gravity?\n<Document>: {long_doc}",
+        add_special_tokens=False,
     )
     assert cut[len(prefix) : -len(suffix)].tolist() == body[: SHORT_MAX - len(prefix) - len(suffix)]
 
