@@ -57,7 +57,7 @@ def word_pools(tok) -> tuple[np.ndarray, np.ndarray, list[str]]:
 CODE_LINES = [
     "def {a}({b}, {c}):\n    return {b} + {c} * {n}\n",
     "for {a} in range({n}):\n    {b}[{a}] = {c}({a})\n",
-    "if {a} is None:\n    raise ValueError(\"{b} {c}\")\n",
+    'if {a} is None:\n    raise ValueError("{b} {c}")\n',
     "import {a}\nfrom {b} import {c}\n",
     "class {A}({B}):\n    {a}: int = {n}\n",
     "{a} = [{b} for {b} in {c} if {b} > {n}]\n",
@@ -95,8 +95,9 @@ def raw_text(rng, kind: str, n_tokens: int, strs: dict[int, str], pools) -> str:
     while sum(len(x) for x in lines) < n_tokens * 4:
         ids = [idents[k] for k in rng.integers(0, len(idents), 5)]
         lines.append(
-            rng.choice(CODE_LINES).format(a=ids[0], b=ids[1], c=ids[2], A=ids[3].title(), B=ids[4].title(),
-                                          n=int(rng.integers(0, 1000)))
+            rng.choice(CODE_LINES).format(
+                a=ids[0], b=ids[1], c=ids[2], A=ids[3].title(), B=ids[4].title(), n=int(rng.integers(0, 1000))
+            )
         )
     return "".join(lines)
 
@@ -107,12 +108,12 @@ def build_corpus(tok, n_docs: int, seed: int, median: float, sigma: float, cap: 
     targets = np.clip(np.rint(rng.lognormal(np.log(median), sigma, n_docs)), 4, cap).astype(np.int64)
     en, zh, idents = word_pools(tok)
     needed = np.unique(np.concatenate([en, zh]))
-    strs = dict(zip(needed.tolist(), tok.batch_decode([[int(i)] for i in needed])))
+    strs = dict(zip(needed.tolist(), tok.batch_decode([[int(i)] for i in needed]), strict=True))
     kinds = rng.choice(["en", "zh", "code"], size=n_docs, p=[0.7, 0.15, 0.15])
     # Generate with slack, then cut at the target in token space and decode back to text.
-    raw = [raw_text(rng, k, int(t * 1.3) + 8, strs, (en, zh, idents)) for k, t in zip(kinds, targets)]
+    raw = [raw_text(rng, k, int(t * 1.3) + 8, strs, (en, zh, idents)) for k, t in zip(kinds, targets, strict=True)]
     ids = tok(raw, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    texts = tok.batch_decode([row[: int(t) - 1] for row, t in zip(ids, targets)])
+    texts = tok.batch_decode([row[: int(t) - 1] for row, t in zip(ids, targets, strict=True)])
     return texts, targets
 
 
@@ -126,8 +127,14 @@ def make_model_dir(path: str, args) -> str:
     tok = build_qwen_tokenizer(eos_postprocessor=True)  # the newer Qwen3-Embedding tokenizer.json: appends EOS
     tok.padding_side = "left"  # as upstream's tokenizer_config.json
     make_qwen3_dir(
-        path, tokenizer=tok, seed=args.seed, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+        path,
+        tokenizer=tok,
+        seed=args.seed,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
         intermediate_size=args.intermediate,
     )
     modules = [
@@ -136,9 +143,14 @@ def make_model_dir(path: str, args) -> str:
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
     pooling = {
-        "word_embedding_dimension": args.hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True,
+        "word_embedding_dimension": args.hidden,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": True,
+        "include_prompt": True,
     }
     os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
     os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
@@ -167,7 +179,7 @@ def last_token_pool(last_hidden_states, attention_mask):
 
 def ref_tokenize(tokenizer, input_texts, eod_id, max_length):
     batch_dict = tokenizer(input_texts, padding=False, truncation=True, max_length=max_length - 2)
-    for seq, att in zip(batch_dict["input_ids"], batch_dict["attention_mask"]):
+    for seq, att in zip(batch_dict["input_ids"], batch_dict["attention_mask"], strict=True):
         seq.append(eod_id)
         att.append(1)
     return tokenizer.pad(batch_dict, padding=True, return_tensors="pt")
@@ -203,148 +215,187 @@ class Reference:
 # ------------------------------------------------------------------------------------------------------ driver
 
 
-def timed(fn, *a):
-    t0 = time.perf_counter()
-    out = fn(*a)
-    return out, time.perf_counter() - t0
-
-
-def st_padding_efficiency(texts: list[str], lengths: np.ndarray, batch: int) -> float:
-    """sentence-transformers sorts by text length (characters), longest first, then cuts batches of ``batch``."""
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    padded = sum(len(order[i : i + batch]) * int(lengths[order[i : i + batch]].max()) for i in range(0, len(order), batch))
-    return float(lengths.sum() / padded)
+def st_padding_efficiency(texts: list[str], lengths: np.ndarray, batch: int, rows_per_call: int) -> float:
+    """sentence-transformers sorts each ``encode`` call's texts by length in characters, longest first, then cuts
+    batches of ``batch`` rows: the padding that results, in tokens."""
+    real = padded = 0
+    for s in range(0, len(texts), rows_per_call):
+        chars = np.array([len(t) for t in texts[s : s + rows_per_call]])
+        lens = lengths[s : s + rows_per_call]
+        order = np.argsort(-chars, kind="stable")
+        for i in range(0, len(order), batch):
+            sel = order[i : i + batch]
+            real += int(lens[sel].sum())
+            padded += len(sel) * int(lens[sel].max())
+    return real / padded
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=2000, help="corpus size (default 2000)")
-    p.add_argument("--quick", action="store_true", help="400 docs: a one-minute sanity run")
+    p.add_argument("--quick", action="store_true", help="400 docs: a sanity run of about a minute")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--median", type=float, default=150.0, help="median document length in tokens")
-    p.add_argument("--sigma", type=float, default=1.0, help="lognormal shape of the length distribution")
-    p.add_argument("--cap", type=int, default=4096, help="longest document, tokens")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads for all three")
-    p.add_argument("--rows-per-call", type=int, default=1024, help="texts per Embedder call (one Ray Data batch)")
+    p.add_argument("--median", type=float, default=150.0, help="median document length in tokens (default 150)")
+    p.add_argument("--sigma", type=float, default=1.0, help="lognormal shape of the lengths (default 1.0)")
+    p.add_argument("--cap", type=int, default=4096, help="longest document in tokens (default 4096)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads, for all three")
+    p.add_argument("--rows-per-call", type=int, default=1024, help="texts per Embedder / encode call (default 1024)")
     p.add_argument("--batch-tokens", type=int, default=None, help="Embedder batch_tokens (default: its own)")
-    p.add_argument("--only", default="abc", help="which of a (reference), b (st), c (rayembed) to run")
+    p.add_argument("--only", default="abc", help="run a subset of a (reference), b (sentence-transformers), c (ours)")
     g = p.add_argument_group("model (random weights, real Qwen vocabulary)")
-    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--hidden", type=int, default=128)
     g.add_argument("--layers", type=int, default=2)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=2)
-    g.add_argument("--head-dim", type=int, default=64)
-    g.add_argument("--intermediate", type=int, default=768)
+    g.add_argument("--heads", type=int, default=2)
+    g.add_argument("--kv-heads", type=int, default=1)
+    g.add_argument("--head-dim", type=int, default=32)
+    g.add_argument("--intermediate", type=int, default=512)
     args = p.parse_args(argv)
     if args.quick:
         args.docs = min(args.docs, 400)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    t_start = time.perf_counter()
+
+    from transformers.utils import logging as hf_logging
 
     from tests.qwen_fixtures import build_qwen_tokenizer
 
-    t0 = time.perf_counter()
+    hf_logging.disable_progress_bar()
     tok = build_qwen_tokenizer()
     texts, targets = build_corpus(tok, args.docs, args.seed, args.median, args.sigma, args.cap)
     lengths = np.array([len(r) + 1 for r in tok(texts, add_special_tokens=False)["input_ids"]])  # + EOS
     total = int(lengths.sum())
-    pct = np.percentile(lengths, [50, 90, 99, 100]).astype(int)
-    print(f"corpus: {len(texts)} docs, {total} tokens (EOS included), length p50/p90/p99/max = {list(pct)}, "
-          f"mean {lengths.mean():.0f}; |actual - target| mean {np.abs(lengths - targets).mean():.2f} tokens, "
-          f"built in {time.perf_counter() - t0:.1f}s", flush=True)
+    pct = np.percentile(lengths, [50, 90, 99, 100]).astype(int).tolist()
+    print(
+        f"corpus: {len(texts)} docs (70% English, 15% Chinese, 15% code), {total} tokens with EOS; length "
+        f"p50/p90/p99/max {pct}, mean {lengths.mean():.0f}; mean |actual - target| "
+        f"{np.abs(lengths - targets).mean():.2f} tokens; built in {time.perf_counter() - t_start:.1f}s",
+        flush=True,
+    )
 
     tmp = tempfile.TemporaryDirectory(prefix="rayembed-bench-")
     path = make_model_dir(os.path.join(tmp.name, "qwen3-emb"), args)
-    n_params = None
-    print(f"model: Qwen3 hidden {args.hidden}, {args.layers} layers, heads {args.heads}/{args.kv_heads}, head_dim "
-          f"{args.head_dim}, intermediate {args.intermediate}, fp32, torch threads {torch.get_num_threads()}",
-          flush=True)
 
+    from sentence_transformers import SentenceTransformer
+
+    from operators.embedder import Embedder
+
+    emb = Embedder(path, batch_tokens=args.batch_tokens, device="cpu")
+    n_params = sum(p.numel() for n, p in emb.model.named_parameters() if "embed_tokens" not in n)
+    st = SentenceTransformer(path, device="cpu")
+    ref = Reference(path)
+    print(
+        f"model: random-weight Qwen3: hidden {args.hidden}, {args.layers} layers, "
+        f"heads {args.heads}/{args.kv_heads}, "
+        f"head_dim {args.head_dim}, intermediate {args.intermediate} ({n_params / 1e6:.2f}M non-embedding params), "
+        f"fp32; torch threads {torch.get_num_threads()}; sentence-transformers: "
+        f"{' -> '.join(type(m).__name__ for m in st)}; load average {load_before:.1f}",
+        flush=True,
+    )
+
+    methods = {
+        "a": ref.encode,
+        "b": lambda xs: st.encode(xs, batch_size=REF_BATCH, convert_to_numpy=True, show_progress_bar=False),
+        "c": emb.embed,
+    }
+    methods = {k: v for k, v in methods.items() if k in args.only}
+    for fn in methods.values():  # warm-up: first-call allocations, thread pools
+        fn(texts[:REF_BATCH])
+    ref.tokens = ref.padded_tokens = 0
+    c_tokens, c_padded, c_forwards = emb.stats.tokens, emb.stats.padded_tokens, emb.stats.forwards
+
+    # Interleaved rounds of --rows-per-call docs (what one Ray Data batch hands an actor), rotating the order, so that
+    # load from other processes on a shared machine hits all three alike. All see the same docs in the same order.
+    seconds = dict.fromkeys(methods, 0.0)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in methods}
+    starts = list(range(0, len(texts), args.rows_per_call))
+    for r, s in enumerate(starts):
+        chunk = texts[s : s + args.rows_per_call]
+        keys = list(methods)
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t = time.perf_counter()
+            parts[k].append(np.asarray(methods[k](chunk)))
+            seconds[k] += time.perf_counter() - t
+        print(
+            f"  round {r + 1}/{len(starts)} ({len(chunk)} docs): "
+            + ", ".join(f"{k} {seconds[k]:.1f}s" for k in methods),
+            flush=True,
+        )
+    vectors = {k: np.concatenate(v) for k, v in parts.items()}
+
+    names = {"a": "(a) official reference", "b": "(b) SentenceTransformer", "c": "(c) rayembed Embedder"}
+    notes = {
+        "a": f"batches of {REF_BATCH} in arrival order, left padding",
+        "b": f"encode(batch_size={REF_BATCH}): sorted by characters, padding estimated from token counts",
+        "c": "",
+    }
     results: dict[str, dict] = {}
-    vectors: dict[str, np.ndarray] = {}
-    warm = texts[:REF_BATCH]
-
-    if "c" in args.only:
-        from operators.embedder import Embedder
-
-        emb = Embedder(path, batch_tokens=args.batch_tokens, device="cpu")
-        n_params = sum(p.numel() for n, p in emb.model.named_parameters() if "embed_tokens" not in n)
-        emb.embed(warm)
-        t_before, p_before = emb.stats.tokens, emb.stats.padded_tokens
-
-        def run_c(xs):
-            return np.concatenate([emb.embed(xs[i : i + args.rows_per_call]) for i in range(0, len(xs), args.rows_per_call)])
-
-        vectors["c"], dt = timed(run_c, texts)
-        real, padded = emb.stats.tokens - t_before, emb.stats.padded_tokens - p_before
-        assert real == total, (real, total)
-        results["c"] = {"tok_s": total / dt, "seconds": dt, "padding_efficiency": real / padded,
-                        "batch_tokens": emb.batcher.budget}
-        print(f"(c) rayembed Embedder   {total / dt:10.0f} tok/s  {dt:7.1f}s  padding eff {real / padded:.3f} "
-              f"(batch_tokens {emb.batcher.budget}, {args.rows_per_call} rows per call)", flush=True)
-        del emb
-
-    if "b" in args.only:
-        from sentence_transformers import SentenceTransformer
-
-        st = SentenceTransformer(path, device="cpu")
-        mods = " -> ".join(type(m).__name__ for m in st)
-        st.encode(warm, batch_size=REF_BATCH)
-
-        vectors["b"], dt = timed(lambda xs: st.encode(xs, batch_size=REF_BATCH, convert_to_numpy=True), texts)
-        eff = st_padding_efficiency(texts, lengths, REF_BATCH)
-        results["b"] = {"tok_s": total / dt, "seconds": dt, "padding_efficiency": eff}
-        print(f"(b) SentenceTransformer {total / dt:10.0f} tok/s  {dt:7.1f}s  padding eff {eff:.3f} ({mods})",
-              flush=True)
-        del st
-
-    if "a" in args.only:
-        ref = Reference(path)
-        ref.encode(warm)
-        ref.tokens = ref.padded_tokens = 0
-        vectors["a"], dt = timed(ref.encode, texts)
+    if "a" in methods:
         assert ref.tokens == total, (ref.tokens, total)
-        eff = ref.tokens / ref.padded_tokens
-        results["a"] = {"tok_s": total / dt, "seconds": dt, "padding_efficiency": eff}
-        print(f"(a) official reference  {total / dt:10.0f} tok/s  {dt:7.1f}s  padding eff {eff:.3f} "
-              f"(batches of {REF_BATCH}, arrival order, left padding)", flush=True)
-        del ref
+        results["a"] = {"padding_efficiency": ref.tokens / ref.padded_tokens}
+    if "b" in methods:
+        results["b"] = {"padding_efficiency": st_padding_efficiency(texts, lengths, REF_BATCH, args.rows_per_call)}
+    if "c" in methods:
+        real, padded = emb.stats.tokens - c_tokens, emb.stats.padded_tokens - c_padded
+        assert real == total, (real, total)
+        results["c"] = {"padding_efficiency": real / padded}
+        notes["c"] = (
+            f"batch_tokens {emb.batcher.budget}, {emb.stats.forwards - c_forwards} forwards, "
+            f"{args.rows_per_call} rows per call"
+        )
+    for k in results:
+        results[k].update(tok_s=total / seconds[k], seconds=seconds[k])
 
     diffs = {}
     for x, y in [("a", "c"), ("b", "c"), ("a", "b")]:
         if x in vectors and y in vectors:
             diffs[f"{x}-{y}"] = float(np.abs(vectors[x] - vectors[y]).max())
-    if diffs:
-        print("max |vector difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()), flush=True)
 
+    print()
+    print(f"{'':25s}{'tok/s':>9s}{'seconds':>9s}{'pad eff':>9s}")
+    for k, r in results.items():
+        print(f"{names[k]:25s}{r['tok_s']:9.0f}{r['seconds']:9.1f}{r['padding_efficiency']:9.3f}   {notes[k]}")
+    if diffs:
+        print("max |vector difference|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    checks = []
+    summary: dict = {}
+    if "c" in results:
+        for other, key in [("a", "c_over_a"), ("b", "c_over_b")]:
+            if other in results:
+                ratio = results["c"]["tok_s"] / results[other]["tok_s"]
+                summary[key] = round(ratio, 3)
+                checks.append((f"c/{other}", ratio, TARGETS[key], f"{ratio:.2f}x"))
+        eff = results["c"]["padding_efficiency"]
+        checks.append(("padding efficiency", eff, TARGETS["padding_efficiency"], f"{eff:.3f}"))
+    for name, value, target, shown in checks:
+        print(f"{name:20s}{shown:>8s}   target >= {target:g}   {'met' if value >= target else 'MISSED'}")
+    load_after = os.getloadavg()[0]
+    print(
+        f"wall {time.perf_counter() - t_start:.0f}s; load average {load_before:.1f} -> {load_after:.1f} "
+        f"on {os.cpu_count()} CPUs (timings are only comparable within one run)"
+    )
     summary = {
         "bench": "operator",
         "docs": len(texts),
         "tokens": total,
-        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                  "head_dim": args.head_dim, "intermediate": args.intermediate, "non_embedding_params": n_params},
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "intermediate": args.intermediate,
+            "non_embedding_params": n_params,
+        },
         "threads": torch.get_num_threads(),
+        "rows_per_call": args.rows_per_call,
         "tok_s": {k: round(v["tok_s"], 1) for k, v in results.items()},
         "padding_efficiency": {k: round(v["padding_efficiency"], 4) for k, v in results.items()},
+        **summary,
         "max_abs_diff": diffs,
+        "targets_met": {name: bool(value >= target) for name, value, target, _ in checks},
+        "load_average": [round(load_before, 2), round(load_after, 2)],
     }
-    print()
-    print(f"{'':28s}{'tok/s':>10s}{'seconds':>9s}{'pad eff':>9s}")
-    for key, name in [("a", "(a) official reference"), ("b", "(b) SentenceTransformer"), ("c", "(c) rayembed Embedder")]:
-        if key in results:
-            r = results[key]
-            print(f"{name:28s}{r['tok_s']:10.0f}{r['seconds']:9.1f}{r['padding_efficiency']:9.3f}")
-    checks = []
-    if "c" in results:
-        for other, target_key in [("a", "c_over_a"), ("b", "c_over_b")]:
-            if other in results:
-                ratio = results["c"]["tok_s"] / results[other]["tok_s"]
-                summary[target_key] = round(ratio, 3)
-                checks.append((f"c/{other}", ratio, TARGETS[target_key], f"{ratio:.2f}x"))
-        eff = results["c"]["padding_efficiency"]
-        checks.append(("padding efficiency", eff, TARGETS["padding_efficiency"], f"{eff:.3f}"))
-    for name, value, target, shown in checks:
-        print(f"{name:20s} {shown:>8s}   target >= {target:g}   {'met' if value >= target else 'MISSED'}")
-    summary["targets_met"] = {name: bool(value >= target) for name, value, target, _ in checks}
     print("JSON " + json.dumps(summary), flush=True)
     tmp.cleanup()
     return summary

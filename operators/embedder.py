@@ -98,12 +98,15 @@ class Embedder:
         ids, lengths = pad_batch(rows, self.encoder.pad_id)
         input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
         lens = torch.from_numpy(lengths).to(self.device, non_blocking=True)
-        ragged = bool(lengths.min() != lengths.max())
         mask = None
-        if ragged or self.spec.pooling == "mean":
-            mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-        # Equal lengths need no mask: SDPA then takes its causal fast path with identical math.
-        hidden = self.model(input_ids=input_ids, attention_mask=mask if ragged else None).last_hidden_state
+        if self.spec.is_qwen3:
+            # Causal attention with right padding: a real token never attends to the pads after it, so the pooled
+            # state is exact without a mask, and SDPA keeps its fused causal kernel. No KV cache is built either.
+            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        else:
+            if lengths.min() != lengths.max() or self.spec.pooling == "mean":
+                mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         if self.spec.pooling == "lasttoken":
             pooled = hidden[torch.arange(len(rows), device=self.device), lens - 1]
         elif self.spec.pooling == "cls":

@@ -192,7 +192,7 @@ class Reranker:
             raise ModelLoadError(f"model {spec.source!r} loaded without a language-model head; the reranker needs one")
         if max(self.yes_id, self.no_id) >= head.weight.shape[0]:
             raise ModelLoadError(
-                f"model {spec.source!r}: lm_head has {head.weight.shape[0]} rows, fewer than the vocab"
+                f"model {spec.source!r}: lm_head has {head.weight.shape[0]} rows, too few for the yes/no token ids"
             )
         # The only two rows of lm_head the score needs: [no, yes], kept in float32 (the logits are computed in fp32).
         self.head = head.weight.detach()[[self.no_id, self.yes_id]].float().contiguous()

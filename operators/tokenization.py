@@ -53,7 +53,9 @@ class Encoded:
 class TextEncoder:
     """Formats and tokenizes one batch of texts for an embedding model described by ``spec``."""
 
-    def __init__(self, tokenizer, spec: ModelSpec, *, max_length: int = DEFAULT_MAX_LENGTH, instruction: str | None = None):
+    def __init__(
+        self, tokenizer, spec: ModelSpec, *, max_length: int = DEFAULT_MAX_LENGTH, instruction: str | None = None
+    ):
         if max_length < 2:
             raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
         self.tokenizer = tokenizer
@@ -89,7 +91,7 @@ class TextEncoder:
             formatted = [self.format(texts[i]) for i in good]
             batch = self.tokenizer(formatted, add_special_tokens=False, return_attention_mask=False)
             keep = self.max_length - self.n_special
-            for k, (i, row) in enumerate(zip(good, batch["input_ids"])):
+            for k, (i, row) in enumerate(zip(good, batch["input_ids"], strict=True)):
                 if len(row) > keep:
                     truncated[i] = True
                     row = row[:keep]
@@ -97,7 +99,7 @@ class TextEncoder:
                     row = [*row, self.eod_id]
                 else:
                     # Fast tokenizers in transformers 5 have no build_inputs_with_special_tokens; the backend's
-                    # post-processor adds the model's specials ([CLS] ... [SEP]) as tokenizer(..., truncation=True) does.
+                    # post-processor adds the specials ([CLS] ... [SEP]) as tokenizer(..., truncation=True) does.
                     enc = batch.encodings[k]
                     enc.truncate(keep)
                     row = self.tokenizer.backend_tokenizer.post_process(enc, None, True).ids

@@ -16,6 +16,9 @@ from operators.batching import MicroBatcher
 from operators.errors import ConfigError, InvalidInputError, ModelLoadError
 from operators.reranker import RERANK_PREFIX, RERANK_SUFFIX, Reranker
 
+# The official code passes max_length to tokenizer.pad(padding=True), which warns that it is ignored.
+pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored:UserWarning")
+
 SHORT_MAX = 128  # prefix (39) + suffix (9) leave 80 body tokens: long pairs get truncated
 
 _VOCABULARY = (
