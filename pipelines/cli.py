@@ -31,37 +31,62 @@ class _Parser(argparse.ArgumentParser):
 
 def _embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JOB.yaml", help="YAML job file with any of these options (flags override it)")
-    p.add_argument("--input", help="input shards: a directory, a glob, or a comma-separated list of Parquet / JSONL "
-                   "(.jsonl, .jsonl.gz, .jsonl.zst) files; local paths, file://, s3:// or gs://")
+    p.add_argument(
+        "--input",
+        help="input shards: a directory, a glob, or a comma-separated list of Parquet / JSONL "
+        "(.jsonl, .jsonl.gz, .jsonl.zst) files; local paths, file://, s3:// or gs://",
+    )
     p.add_argument("--output", help="output prefix (local or s3://...); must not lie inside the input")
     p.add_argument("--id-column", help="column holding the document id (default: id); its type is kept")
     p.add_argument("--text-column", help="column holding the text to embed (default: text)")
     p.add_argument("--passthrough", help="comma-separated columns copied unchanged into the output")
-    p.add_argument("--model", help=f"hub id, local directory or s3:// prefix (default: {DEFAULT_EMBED_MODEL}); "
-                   "offline machines pass a local directory")
+    p.add_argument(
+        "--model",
+        help=f"hub id, local directory or s3:// prefix (default: {DEFAULT_EMBED_MODEL}); "
+        "offline machines pass a local directory",
+    )
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
     p.add_argument("--dim", type=int, help="MRL output dimension, 32..hidden size (default: the full hidden size)")
     p.add_argument("--instruction", help="query mode: the task instruction (documents: leave unset)")
-    p.add_argument("--max-length", type=int, help="max tokens per text, EOS included (default: 8192); longer texts "
-                   "are truncated and counted")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="max tokens per text, EOS included (default: 8192); longer texts are truncated and counted",
+    )
     p.add_argument("--output-dtype", help="float32 (default) or float16 vectors")
-    p.add_argument("--batch-tokens", type=int, help="padded tokens per forward pass (default: 8192 on CPU, 65536 on "
-                   "CUDA; halves automatically on out-of-memory)")
-    p.add_argument("--rows-per-block", type=int, help=f"rows per block and per output part (default: "
-                   f"{DEFAULT_ROWS_PER_BLOCK})")
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        help="padded tokens per forward pass (default: 8192 on CPU, 65536 on "
+        "CUDA; halves automatically on out-of-memory)",
+    )
+    p.add_argument(
+        "--rows-per-block", type=int, help=f"rows per block and per output part (default: {DEFAULT_ROWS_PER_BLOCK})"
+    )
     p.add_argument("--concurrency", help="model actors as N or MIN,MAX for an autoscaling pool (default: 1)")
-    p.add_argument("--num-gpus", type=float, help="GPUs per actor, fractions allowed (default: 1 if the cluster has "
-                   "GPUs, else 0)")
+    p.add_argument(
+        "--num-gpus", type=float, help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)"
+    )
     p.add_argument("--num-cpus", type=float, help="CPUs per model actor (default: 1)")
     p.add_argument("--device", help="cuda, cpu or auto (default: auto = cuda when available)")
     p.add_argument("--dtype", help="model dtype: bfloat16 (CUDA default), float32 (CPU default) or float16")
-    p.add_argument("--max-error-ratio", type=float, help=f"fail the job when more than this fraction of rows is "
-                   f"quarantined (default: {DEFAULT_MAX_ERROR_RATIO})")
-    p.add_argument("--storage-options", help='JSON object passed to fsspec, e.g. \'{"endpoint_url": '
-                   '"http://127.0.0.1:9000"}\'; AWS_* variables and instance roles are honoured; never logged')
+    p.add_argument(
+        "--max-error-ratio",
+        type=float,
+        help=f"fail the job when more than this fraction of rows is quarantined (default: {DEFAULT_MAX_ERROR_RATIO})",
+    )
+    p.add_argument(
+        "--storage-options",
+        help='JSON object passed to fsspec, e.g. \'{"endpoint_url": '
+        '"http://127.0.0.1:9000"}\'; AWS_* variables and instance roles are honoured; never logged',
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local mode)")
-    p.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow model code from the model directory (off by default)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow model code from the model directory (off by default)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -69,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rayembed", description="Embed and rerank text with Qwen3 models on Ray Data.")
     parser.add_argument("--version", action="version", version=f"rayembed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    embed = sub.add_parser("embed", help="embed text shards into vector Parquet shards", description=EMBED_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    embed = sub.add_parser(
+        "embed",
+        help="embed text shards into vector Parquet shards",
+        description=EMBED_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _embed_args(embed)
     return parser
 

@@ -105,7 +105,8 @@ def commit_shard(
     pattern = part_pattern(progress.shard.stem)
     for sub in ("data", "_errors"):
         stale = [
-            u for u in storage.list_files(storage.join(output, sub), f"{progress.shard.stem}-*", storage_options)
+            u
+            for u in storage.list_files(storage.join(output, sub), f"{progress.shard.stem}-*", storage_options)
             if pattern.search(u) and f"{sub}/{u.rstrip('/').rsplit('/', 1)[-1]}" not in keep
         ]
         storage.remove(stale, storage_options)
@@ -113,7 +114,10 @@ def commit_shard(
 
 
 def write_manifest(
-    output: str, markers: Iterable[dict[str, Any]], config: dict[str, Any], model: dict[str, Any],
+    output: str,
+    markers: Iterable[dict[str, Any]],
+    config: dict[str, Any],
+    model: dict[str, Any],
     storage_options: dict[str, Any] | None,
 ) -> dict[str, Any]:
     markers = sorted(markers, key=lambda m: m["stem"])
@@ -125,7 +129,9 @@ def write_manifest(
         "model": model,
         "files": [f for m in markers for f in m["files"]],
         "error_files": [f for m in markers for f in m["error_files"]],
-        "shards": {m["stem"]: {k: m[k] for k in ("shard", "fingerprint", "rows", "errors", "tokens")} for m in markers},
+        "shards": {
+            m["stem"]: {k: m[k] for k in ("shard", "fingerprint", "rows", "errors", "tokens")} for m in markers
+        },
         "totals": {
             "shards": len(markers),
             "rows": sum(m["rows"] for m in markers),

@@ -82,10 +82,7 @@ class EmbedJobConfig:
 
 
 def parse_concurrency(value: Any) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        parts = [str(v) for v in value]
-    else:
-        parts = [p.strip() for p in str(value).split(",")]
+    parts = [str(v) for v in value] if isinstance(value, (list, tuple)) else [p.strip() for p in str(value).split(",")]
     try:
         nums = [int(p) for p in parts]
     except ValueError:

@@ -140,12 +140,20 @@ def plan_job(cfg: EmbedJobConfig) -> tuple[list[Shard], list[Shard], dict[str, d
             raise ConfigError(f"--output {cfg.output!r} is inside --input {item!r}; write outputs to another prefix")
     model = _model_info(cfg)
     _check_columns(shards[0], cfg)
-    key = commit.output_key({
-        "model": model["source"], "revision": cfg.revision, "config_sha256": model["config_sha256"],
-        "dim": model["dim"], "instruction": cfg.instruction, "max_length": cfg.max_length,
-        "output_dtype": cfg.output_dtype, "id_column": cfg.id_column, "text_column": cfg.text_column,
-        "passthrough": list(cfg.passthrough),
-    })
+    key = commit.output_key(
+        {
+            "model": model["source"],
+            "revision": cfg.revision,
+            "config_sha256": model["config_sha256"],
+            "dim": model["dim"],
+            "instruction": cfg.instruction,
+            "max_length": cfg.max_length,
+            "output_dtype": cfg.output_dtype,
+            "id_column": cfg.id_column,
+            "text_column": cfg.text_column,
+            "passthrough": list(cfg.passthrough),
+        }
+    )
     markers = commit.load_markers(cfg.output, cfg.storage_options)
     pending, _done = commit.plan(shards, markers, key)
     return shards, pending, markers, key, model
@@ -156,46 +164,87 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
     import ray.data
 
     items = [
-        {"url": s.url, "stem": s.stem, "fmt": s.fmt, "compression": s.compression or "", "size": s.size,
-         "version": s.version}
+        {
+            "url": s.url,
+            "stem": s.stem,
+            "fmt": s.fmt,
+            "compression": s.compression or "",
+            "size": s.size,
+            "version": s.version,
+        }
         for s in pending
     ]
     so = cfg.storage_options
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        read_shards, batch_size=1, batch_format="numpy",
-        fn_kwargs={"id_column": cfg.id_column, "text_column": cfg.text_column, "passthrough": cfg.passthrough,
-                   "rows_per_block": cfg.rows_per_block, "storage_options": so},
+        read_shards,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={
+            "id_column": cfg.id_column,
+            "text_column": cfg.text_column,
+            "passthrough": cfg.passthrough,
+            "rows_per_block": cfg.rows_per_block,
+            "storage_options": so,
+        },
     )
     ds = ds.map_batches(
-        tokenize_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"model": cfg.model, "revision": cfg.revision, "max_length": cfg.max_length,
-                   "instruction": cfg.instruction, "text_column": cfg.text_column,
-                   "drop_text": cfg.text_column not in cfg.passthrough, "storage_options": so},
+        tokenize_block,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "model": cfg.model,
+            "revision": cfg.revision,
+            "max_length": cfg.max_length,
+            "instruction": cfg.instruction,
+            "text_column": cfg.text_column,
+            "drop_text": cfg.text_column not in cfg.passthrough,
+            "storage_options": so,
+        },
     )
     ds = ds.map_batches(
-        EmbedStage, batch_size=None, batch_format="pyarrow",
-        fn_constructor_kwargs={"model": cfg.model, "dim": model["dim"], "instruction": cfg.instruction,
-                               "max_length": cfg.max_length, "batch_tokens": cfg.batch_tokens, "device": cfg.device,
-                               "dtype": cfg.dtype, "output_dtype": cfg.output_dtype, "revision": cfg.revision,
-                               "trust_remote_code": cfg.trust_remote_code, "storage_options": so},
+        EmbedStage,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "dim": model["dim"],
+            "instruction": cfg.instruction,
+            "max_length": cfg.max_length,
+            "batch_tokens": cfg.batch_tokens,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "output_dtype": cfg.output_dtype,
+            "revision": cfg.revision,
+            "trust_remote_code": cfg.trust_remote_code,
+            "storage_options": so,
+        },
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         # Ray Data's defaults restart dead actors and retry their tasks forever (max_restarts=-1,
         # max_task_retries=-1): at-least-once execution, made exactly-once by deterministic names and markers.
-        num_gpus=_num_gpus(cfg), num_cpus=cfg.num_cpus,
+        num_gpus=_num_gpus(cfg),
+        num_cpus=cfg.num_cpus,
     )
     return ds.map_batches(
-        write_parts, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"output": cfg.output, "id_column": cfg.id_column, "passthrough": cfg.passthrough,
-                   "metadata": _file_metadata(cfg, model), "storage_options": so},
+        write_parts,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "output": cfg.output,
+            "id_column": cfg.id_column,
+            "passthrough": cfg.passthrough,
+            "metadata": _file_metadata(cfg, model),
+            "storage_options": so,
+        },
     )
 
 
 def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
     t0 = time.time()
     shards, pending, markers, key, model = plan_job(cfg)
-    log.info("planned %d shards: %d pending, %d already committed", len(shards), len(pending),
-             len(shards) - len(pending))
+    log.info(
+        "planned %d shards: %d pending, %d already committed", len(shards), len(pending), len(shards) - len(pending)
+    )
     progress = {s.stem: commit.ShardProgress(s) for s in pending}
     docs = tokens = files = quarantined = truncated = 0
     if pending:
@@ -224,12 +273,21 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
         # Shards stay committed (a rerun does not redo them) but no manifest vouches for this output.
         raise RayembedError(
             f"{total_errors} of {total_rows} rows ({total_errors / total_rows:.2%}) were quarantined, above "
-            f"--max-error-ratio {cfg.max_error_ratio:.2%}; no manifest written; see {storage.join(cfg.output, '_errors')}"
+            f"--max-error-ratio {cfg.max_error_ratio:.2%}; no manifest written; "
+            f"see {storage.join(cfg.output, '_errors')}"
         )
     commit.write_manifest(cfg.output, current, cfg.public(), model, cfg.storage_options)
     return EmbedSummary(
-        shards=len(shards), processed=len(pending), skipped=len(shards) - len(pending), docs=docs, tokens=tokens,
-        files=files, quarantined=quarantined, truncated=truncated, elapsed=time.time() - t0, output=cfg.output,
+        shards=len(shards),
+        processed=len(pending),
+        skipped=len(shards) - len(pending),
+        docs=docs,
+        tokens=tokens,
+        files=files,
+        quarantined=quarantined,
+        truncated=truncated,
+        elapsed=time.time() - t0,
+        output=cfg.output,
     )
 
 

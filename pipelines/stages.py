@@ -28,8 +28,13 @@ from operators.tokenization import TextEncoder, ids_to_arrow, text_error
 log = logging.getLogger("rayembed")
 
 ERROR_SCHEMA = pa.schema(
-    [("id", pa.string()), ("shard", pa.string()), ("row_offset", pa.int64()), ("error_type", pa.string()),
-     ("message", pa.string())]
+    [
+        ("id", pa.string()),
+        ("shard", pa.string()),
+        ("row_offset", pa.int64()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+    ]
 )
 RECORD_FIELDS = ("shard", "part", "file", "rows", "errors", "errors_file", "tokens", "truncated", "shard_rows")
 # Test hook: an embed actor exits hard after this many batches (fault-injection tests of actor death).
@@ -105,7 +110,12 @@ def _parquet_rows(f, columns: list[str], rows_per_block: int) -> Iterator[pa.Tab
 
 
 def read_shard(
-    shard: Shard, *, id_column: str, text_column: str, passthrough: tuple[str, ...], rows_per_block: int,
+    shard: Shard,
+    *,
+    id_column: str,
+    text_column: str,
+    passthrough: tuple[str, ...],
+    rows_per_block: int,
     storage_options: dict[str, Any] | None = None,
 ) -> Iterator[pa.Table]:
     """Blocks of at most ``rows_per_block`` rows. The last block carries the shard's row count in ``_shard_rows``
@@ -115,7 +125,9 @@ def read_shard(
     pending: pa.Table | None = None
 
     def stamp(t: pa.Table, total: int) -> pa.Table:
-        return t.set_column(t.schema.get_field_index("_shard_rows"), "_shard_rows", pa.array([total] * len(t), pa.int64()))
+        return t.set_column(
+            t.schema.get_field_index("_shard_rows"), "_shard_rows", pa.array([total] * len(t), pa.int64())
+        )
 
     def flush_last(total: int) -> Iterator[pa.Table]:
         if pending is not None:
@@ -128,11 +140,14 @@ def read_shard(
                     n = len(t)
                     t = t.select(columns)
                     block = pa.table(
-                        {"_shard": pa.array([shard.stem] * n, pa.string()),
-                         "_offset": pa.array(np.arange(done, done + n), pa.int64()),
-                         "_shard_rows": pa.array([-1] * n, pa.int64()),
-                         **{c: t[c] for c in columns},
-                         "error": pa.nulls(n, pa.string()), "error_type": pa.nulls(n, pa.string())}
+                        {
+                            "_shard": pa.array([shard.stem] * n, pa.string()),
+                            "_offset": pa.array(np.arange(done, done + n), pa.int64()),
+                            "_shard_rows": pa.array([-1] * n, pa.int64()),
+                            **{c: t[c] for c in columns},
+                            "error": pa.nulls(n, pa.string()),
+                            "error_type": pa.nulls(n, pa.string()),
+                        }
                     )
                     if pending is not None:
                         yield pending
@@ -164,8 +179,12 @@ def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Tabl
     """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
     for i in range(len(batch["url"])):
         shard = Shard(
-            url=str(batch["url"][i]), stem=str(batch["stem"][i]), fmt=str(batch["fmt"][i]),
-            compression=batch["compression"][i] or None, size=int(batch["size"][i]), version=str(batch["version"][i]),
+            url=str(batch["url"][i]),
+            stem=str(batch["stem"][i]),
+            fmt=str(batch["fmt"][i]),
+            compression=batch["compression"][i] or None,
+            size=int(batch["size"][i]),
+            version=str(batch["version"][i]),
         )
         yield from read_shard(shard, **kwargs)
 
@@ -175,8 +194,9 @@ def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Tabl
 _ENCODERS: dict[tuple, TextEncoder] = {}
 
 
-def _encoder(model: str, revision: str | None, max_length: int, instruction: str | None,
-             storage_options: dict[str, Any] | None) -> TextEncoder:
+def _encoder(
+    model: str, revision: str | None, max_length: int, instruction: str | None, storage_options: dict[str, Any] | None
+) -> TextEncoder:
     # One tokenizer per worker process: Ray reuses workers across tasks, so the load happens once, not per block.
     key = (model, revision, max_length, instruction)
     if key not in _ENCODERS:
@@ -187,8 +207,15 @@ def _encoder(model: str, revision: str | None, max_length: int, instruction: str
 
 
 def tokenize_block(
-    table: pa.Table, *, model: str, revision: str | None, max_length: int, instruction: str | None, text_column: str,
-    drop_text: bool, storage_options: dict[str, Any] | None = None,
+    table: pa.Table,
+    *,
+    model: str,
+    revision: str | None,
+    max_length: int,
+    instruction: str | None,
+    text_column: str,
+    drop_text: bool,
+    storage_options: dict[str, Any] | None = None,
 ) -> pa.Table:
     enc = _encoder(model, revision, max_length, instruction, storage_options)
     texts = table[text_column].to_pylist()
@@ -221,8 +248,13 @@ class EmbedStage(Embedder):
         self._batches = 0
         exit_after = os.environ.get(ACTOR_EXIT_ENV)
         self._exit_after = int(exit_after) if exit_after else None
-        log.info("embed actor ready: %s on %s/%s, %.1f MB of weights", self.spec.source, self.device, self.dtype,
-                 self.model_bytes / 2**20)
+        log.info(
+            "embed actor ready: %s on %s/%s, %.1f MB of weights",
+            self.spec.source,
+            self.device,
+            self.dtype,
+            self.model_bytes / 2**20,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch).drop_columns(["input_ids"])
@@ -236,7 +268,12 @@ class EmbedStage(Embedder):
 
 
 def write_parts(
-    table: pa.Table, *, output: str, id_column: str, passthrough: tuple[str, ...], metadata: dict[str, str],
+    table: pa.Table,
+    *,
+    output: str,
+    id_column: str,
+    passthrough: tuple[str, ...],
+    metadata: dict[str, str],
     storage_options: dict[str, Any] | None = None,
 ) -> pa.Table:
     """Write each shard's rows of this block as one immutable part, named by the shard and its first row offset,
@@ -248,26 +285,37 @@ def write_parts(
         first = int(sub["_offset"][0].as_py())
         bad_mask = pc.is_valid(sub["error"])
         good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
-        rec = {"shard": stem, "part": first, "file": None, "rows": len(good), "errors": len(bad),
-               "errors_file": None, "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
-               "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
-               "shard_rows": int(pc.max(sub["_shard_rows"]).as_py())}
+        rec = {
+            "shard": stem,
+            "part": first,
+            "file": None,
+            "rows": len(good),
+            "errors": len(bad),
+            "errors_file": None,
+            "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
+            "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
+            "shard_rows": int(pc.max(sub["_shard_rows"]).as_py()),
+        }
         if len(good):
-            data = pa.table({"id": good[id_column], "embedding": good["embedding"],
-                             **{c: good[c] for c in passthrough}})
+            data = pa.table(
+                {"id": good[id_column], "embedding": good["embedding"], **{c: good[c] for c in passthrough}}
+            )
             data = data.replace_schema_metadata({**(data.schema.metadata or {}), **kv})
             rel = f"data/{part_name(stem, first)}"
             _write_parquet(data, storage.join(output, rel), storage_options)
             rec["file"] = rel
         if len(bad):
             ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
-            errs = pa.table({
-                "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
-                "shard": pa.array([stem] * len(bad), pa.string()),
-                "row_offset": bad["_offset"],
-                "error_type": bad["error_type"],
-                "message": bad["error"],
-            }, schema=ERROR_SCHEMA)
+            errs = pa.table(
+                {
+                    "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
+                    "shard": pa.array([stem] * len(bad), pa.string()),
+                    "row_offset": bad["_offset"],
+                    "error_type": bad["error_type"],
+                    "message": bad["error"],
+                },
+                schema=ERROR_SCHEMA,
+            )
             rel = f"_errors/{part_name(stem, first)}"
             _write_parquet(errs, storage.join(output, rel), storage_options)
             rec["errors_file"] = rel
@@ -276,9 +324,17 @@ def write_parts(
 
 
 RECORD_SCHEMA = pa.schema(
-    [("shard", pa.string()), ("part", pa.int64()), ("file", pa.string()), ("rows", pa.int64()),
-     ("errors", pa.int64()), ("errors_file", pa.string()), ("tokens", pa.int64()), ("truncated", pa.int64()),
-     ("shard_rows", pa.int64())]
+    [
+        ("shard", pa.string()),
+        ("part", pa.int64()),
+        ("file", pa.string()),
+        ("rows", pa.int64()),
+        ("errors", pa.int64()),
+        ("errors_file", pa.string()),
+        ("tokens", pa.int64()),
+        ("truncated", pa.int64()),
+        ("shard_rows", pa.int64()),
+    ]
 )
 
 

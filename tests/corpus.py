@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 
 EN = "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly budget report."
 ZH = "北京是中华人民共和国的首都，也是全国的政治文化中心。今天天气不错，我们去公园散步吧。"
-CODE = "def add(a: int, b: int) -> int:\n    return a + b  # simple helper\n\nfor i in range(10):\n    print(add(i, i))\n"
+CODE = (
+    "def add(a: int, b: int) -> int:\n    return a + b  # simple helper\n\nfor i in range(10):\n    print(add(i, i))\n"
+)
 
 
 def make_docs(n: int, seed: int = 0, start_id: int = 0) -> list[dict]:

@@ -22,7 +22,13 @@ def read_output(out: str, storage_options: dict | None = None) -> tuple[dict, pa
 
 
 def check_embed_output(
-    out: str, docs: list[dict], reference: dict, *, dim: int, passthrough=("lang", "score"), storage_options=None,
+    out: str,
+    docs: list[dict],
+    reference: dict,
+    *,
+    dim: int,
+    passthrough=("lang", "score"),
+    storage_options=None,
     atol: float = 1e-5,
 ) -> tuple[dict, pa.Table]:
     manifest, table = read_output(out, storage_options)

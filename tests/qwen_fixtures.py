@@ -9,31 +9,83 @@ import importlib.metadata
 import os
 
 QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 # The Qwen3 added tokens, in id order from 151643. <think> and </think> are ordinary added tokens, as upstream.
 QWEN3_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
-QWEN3_ADDED = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN3_ADDED = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 QWEN3_VOCAB = 151669
 EOD_ID = 151643
 
 SMALL_CONFIG = dict(
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    intermediate_size=256, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=256,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
 )
 # The real architectures (design.md), for GPU benchmarks with random weights.
 QWEN3_ARCHS = {
-    "0.6B": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=3072, tie_word_embeddings=True),
-    "4B": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               intermediate_size=9728, tie_word_embeddings=True),
-    "8B": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-               intermediate_size=12288, tie_word_embeddings=False),
+    "0.6B": dict(
+        hidden_size=1024,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        tie_word_embeddings=True,
+    ),
+    "4B": dict(
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        tie_word_embeddings=True,
+    ),
+    "8B": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -59,11 +111,17 @@ def build_qwen_tokenizer(eos_postprocessor: bool = False):
     assert tok.token_to_id("<|endoftext|>") == EOD_ID and tok.token_to_id("</think>") == QWEN3_VOCAB - 1
     if eos_postprocessor:
         tok.post_processor = processors.TemplateProcessing(
-            single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1 <|endoftext|>:1", special_tokens=[("<|endoftext|>", EOD_ID)]
+            single="$A <|endoftext|>",
+            pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+            special_tokens=[("<|endoftext|>", EOD_ID)],
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        model_max_length=131072, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -75,8 +133,12 @@ def qwen3_config(causal_lm: bool = False, **overrides):
     cfg.setdefault("tie_word_embeddings", True)
     # pad_token_id stays None: a padding_idx would zero the <|endoftext|> embedding, which real checkpoints train.
     return Qwen3Config(
-        vocab_size=QWEN3_VOCAB, bos_token_id=EOD_ID, eos_token_id=151645, pad_token_id=None,
-        architectures=["Qwen3ForCausalLM"] if causal_lm else ["Qwen3Model"], **cfg,
+        vocab_size=QWEN3_VOCAB,
+        bos_token_id=EOD_ID,
+        eos_token_id=151645,
+        pad_token_id=None,
+        architectures=["Qwen3ForCausalLM"] if causal_lm else ["Qwen3Model"],
+        **cfg,
     )
 
 

@@ -25,18 +25,46 @@ def ray_head(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "head.log", "w")
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (closed in the finally below)
     # Every listening port is a free one: another Ray on this machine (the session's in-process one, a developer's)
     # already holds the defaults, and a dashboard agent that cannot bind leaves the head unable to run jobs.
-    ports = {flag: str(_free_port()) for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                   "--metrics-export-port", "--runtime-env-agent-port",
-                                                   "--ray-client-server-port", "--node-manager-port",
-                                                   "--object-manager-port")}
+    ports = {
+        flag: str(_free_port())
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        )
+    }
     proc = subprocess.Popen(
-        [os.path.join(BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--num-cpus", "2", "--disable-usage-stats", *[x for kv in ports.items() for x in kv]],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            os.path.join(BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--disable-usage-stats",
+            *[x for kv in ports.items() for x in kv],
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     try:
         from ray.job_submission import JobSubmissionClient
@@ -68,9 +96,31 @@ def test_ray_job_submit(tmp_path, qwen_model_dir, ray_head):
     inp.mkdir()
     docs = make_mixed_corpus(str(inp), per_shard=10)
     sub_id = f"rayembed-test-{os.getpid()}-{int(time.time())}"
-    cmd = [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
-           "--working-dir", REPO, "--", "python", "-m", "pipelines.embed", "--input", str(inp), "--output", str(out),
-           "--model", qwen_model_dir, "--passthrough", "lang,score", "--quiet"]
+    cmd = [
+        os.path.join(BIN, "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        sub_id,
+        "--no-wait",
+        "--working-dir",
+        REPO,
+        "--",
+        "python",
+        "-m",
+        "pipelines.embed",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--model",
+        qwen_model_dir,
+        "--passthrough",
+        "lang,score",
+        "--quiet",
+    ]
     for _ in range(30):  # the head's job agent comes up a few seconds after the dashboard
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if res.returncode == 0 or "No available agent" not in res.stderr:

@@ -24,13 +24,13 @@ CODE = ["def add(a: int, b: int) -> int:\n    return a + b\n", "SELECT id, text 
 MISC = ["", " ", "a", "UPPER lower MiXeD", "émoji ✓ 😀", "1 2 3 4 5 6 7 8 9 10", "<html><body>x</body></html>"]
 
 
-def make_texts(n: int, seed: int, n_long: int = 16) -> list[str]:
+def make_texts(n: int, seed: int, n_long: int = 12) -> list[str]:
     """``n`` short and mid-length texts, ``n_long`` of them well over 256 word pieces (truncated by both sides)."""
     rng = random.Random(seed)
     texts = list(MISC)
     while len(texts) < n:
         pool = rng.choice([EN, EN, ZH, CODE, EN + ZH + CODE])
-        reps = rng.choice([30, 60]) if len(texts) < len(MISC) + n_long else rng.choice([1, 1, 1, 2, 2, 3, 5, 8])
+        reps = rng.choice([30, 60]) if len(texts) < len(MISC) + n_long else rng.choice([1, 1, 1, 2, 2, 3, 5])
         texts.append(" ".join(rng.choice(pool) for _ in range(reps)) + f" #{len(texts)}")
     rng.shuffle(texts)
     return texts
@@ -67,7 +67,7 @@ def test_matches_sentence_transformers(embedder, st_model, texts):
     expected = st_model.encode(texts, normalize_embeddings=True, batch_size=32)
     enc = embedder.encoder.encode(texts)
     assert len(texts) >= 200
-    assert enc.truncated.sum() >= 12 and (enc.lengths[enc.truncated] == 256).all()
+    assert enc.truncated.sum() >= 10 and (enc.lengths[enc.truncated] == 256).all()
     # Same ids as sentence-transformers' own tokenization ([CLS] ... [SEP], truncated to 256).
     st_ids = st_model.tokenizer(texts[:50], truncation=True, max_length=256)["input_ids"]
     assert [x.tolist() for x in enc.ids[:50]] == st_ids

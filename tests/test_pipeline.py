@@ -40,8 +40,23 @@ def test_local_end_to_end(tmp_path, qwen_model_dir, reference, ray_local, capsys
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     docs = make_mixed_corpus(str(inp))
-    stdout = _run(["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir,
-                   "--passthrough", "lang,score", "--rows-per-block", "16", "-q"], capsys)
+    stdout = _run(
+        [
+            "embed",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--model",
+            qwen_model_dir,
+            "--passthrough",
+            "lang,score",
+            "--rows-per-block",
+            "16",
+            "-q",
+        ],
+        capsys,
+    )
     manifest, table = check_embed_output(str(out), docs, _ref(reference, docs), dim=128)
     # Names derive from the input shards; five shards, several parts each.
     assert all(f.startswith("data/part-") for f in manifest["files"])
@@ -54,8 +69,23 @@ def test_local_end_to_end(tmp_path, qwen_model_dir, reference, ray_local, capsys
 
     # A rerun of a finished job processes nothing and rewrites no data file.
     mtimes = {f: os.stat(out / f).st_mtime_ns for f in manifest["files"]}
-    stdout = _run(["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir,
-                   "--passthrough", "lang,score", "--rows-per-block", "16", "-q"], capsys)
+    stdout = _run(
+        [
+            "embed",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--model",
+            qwen_model_dir,
+            "--passthrough",
+            "lang,score",
+            "--rows-per-block",
+            "16",
+            "-q",
+        ],
+        capsys,
+    )
     assert "(0 processed, 5 already committed), 0 docs" in stdout
     assert {f: os.stat(out / f).st_mtime_ns for f in manifest["files"]} == mtimes
 
@@ -69,8 +99,18 @@ def test_yaml_job_file_query_mode_dim_and_fp16(tmp_path, qwen_model_dir, ray_loc
     write_parquet(docs, str(inp / "q.parquet"))
     task = "Given a web search query, retrieve relevant passages that answer the query"
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps({"input": str(inp), "output": "ignored-by-flag", "model": qwen_model_dir,
-                               "instruction": task, "dim": 32, "output-dtype": "float16"}))
+    job.write_text(
+        json.dumps(
+            {
+                "input": str(inp),
+                "output": "ignored-by-flag",
+                "model": qwen_model_dir,
+                "instruction": task,
+                "dim": 32,
+                "output-dtype": "float16",
+            }
+        )
+    )
     _run(["embed", "--config", str(job), "--output", str(out), "--passthrough", "lang", "-q"], capsys)
     manifest, table = read_output(str(out))
     assert table.schema.field("embedding").type == pa.list_(pa.float16(), 32)
@@ -88,10 +128,26 @@ def test_s3_end_to_end(s3_server, qwen_model_dir, reference, ray_local, capsys):
     docs = make_mixed_corpus(f"{bucket}/in", fs=fs, per_shard=20)
     s3_server.upload_dir(qwen_model_dir, f"s3://{bucket}/models/qwen3-tiny")
     so = json.dumps(s3_server.storage_options)
-    _run(["embed", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model",
-          f"s3://{bucket}/models/qwen3-tiny", "--storage-options", so, "--passthrough", "lang,score", "-q"], capsys)
-    manifest, _ = check_embed_output(f"s3://{bucket}/out", docs, _ref(reference, docs), dim=128,
-                                     storage_options=s3_server.storage_options)
+    _run(
+        [
+            "embed",
+            "--input",
+            f"s3://{bucket}/in/",
+            "--output",
+            f"s3://{bucket}/out",
+            "--model",
+            f"s3://{bucket}/models/qwen3-tiny",
+            "--storage-options",
+            so,
+            "--passthrough",
+            "lang,score",
+            "-q",
+        ],
+        capsys,
+    )
+    manifest, _ = check_embed_output(
+        f"s3://{bucket}/out", docs, _ref(reference, docs), dim=128, storage_options=s3_server.storage_options
+    )
     assert manifest["totals"]["shards"] == 5
     # Secrets never reach the manifest.
     raw = fs.cat_file(f"{bucket}/out/_manifest.json").decode()
@@ -107,20 +163,48 @@ def test_quarantine_of_bad_rows(tmp_path, qwen_model_dir, ray_local, capsys):
     lines = [json.dumps(d) for d in good[:10]] + ['{"id": 77, "text": null}', "{not json", '{"id": 78, "text": 5}']
     lines += [json.dumps(d) for d in good[10:]]
     (inp / "bad.jsonl").write_text("\n".join(lines) + "\n")
-    _run(["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir,
-          "--max-error-ratio", "0.5", "-q"], capsys)
+    _run(
+        [
+            "embed",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--model",
+            qwen_model_dir,
+            "--max-error-ratio",
+            "0.5",
+            "-q",
+        ],
+        capsys,
+    )
     manifest, table = read_output(str(out))
     assert sorted(table["id"].to_pylist()) == sorted(d["id"] for d in good)
     errors = pa.concat_tables([pq.read_table(out / f) for f in manifest["error_files"]]).to_pylist()
     assert [(e["id"], e["row_offset"], e["error_type"]) for e in errors] == [
-        ("77", 10, "InvalidText"), (None, 11, "MalformedJSON"), ("78", 12, "InvalidText")]
+        ("77", 10, "InvalidText"),
+        (None, 11, "MalformedJSON"),
+        ("78", 12, "InvalidText"),
+    ]
     assert errors[0]["message"] == "text is null" and "not a string" in errors[2]["message"]
     assert manifest["totals"]["errors"] == 3
 
     # Above the ratio the job fails with the counts and writes no manifest.
     out2 = tmp_path / "out2"
-    rc = cli.main(["embed", "--input", str(inp), "--output", str(out2), "--model", qwen_model_dir, "-q",
-                   "--max-error-ratio", "0.1"])
+    rc = cli.main(
+        [
+            "embed",
+            "--input",
+            str(inp),
+            "--output",
+            str(out2),
+            "--model",
+            qwen_model_dir,
+            "-q",
+            "--max-error-ratio",
+            "0.1",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "3 of 23 rows (13.04%) were quarantined, above --max-error-ratio 10.00%" in err
     assert not (out2 / "_manifest.json").exists()
@@ -134,8 +218,21 @@ def test_corrupt_shard_is_quarantined_and_others_proceed(tmp_path, qwen_model_di
     write_parquet(make_docs(12, seed=6, start_id=100), str(inp / "broken.parquet"))
     data = (inp / "broken.parquet").read_bytes()
     (inp / "broken.parquet").write_bytes(data[: len(data) // 2])
-    _run(["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir, "-q",
-          "--max-error-ratio", "1"], capsys)
+    _run(
+        [
+            "embed",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--model",
+            qwen_model_dir,
+            "-q",
+            "--max-error-ratio",
+            "1",
+        ],
+        capsys,
+    )
     manifest, table = read_output(str(out))
     assert sorted(table["id"].to_pylist()) == [d["id"] for d in docs]
     (err,) = pq.read_table(out / manifest["error_files"][0]).to_pylist()
@@ -191,8 +288,19 @@ def test_unreachable_s3_endpoint_fails_fast(tmp_path, qwen_model_dir, capsys, mo
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     t0 = time.time()
-    rc = cli.main(["embed", "--input", "s3://bucket/in", "--output", str(tmp_path / "o"), "--model", qwen_model_dir,
-                   "--storage-options", json.dumps({"endpoint_url": "http://127.0.0.1:9"})])
+    rc = cli.main(
+        [
+            "embed",
+            "--input",
+            "s3://bucket/in",
+            "--output",
+            str(tmp_path / "o"),
+            "--model",
+            qwen_model_dir,
+            "--storage-options",
+            json.dumps({"endpoint_url": "http://127.0.0.1:9"}),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and time.time() - t0 < 60
     assert "cannot list input 's3://bucket/in'" in err and "Could not connect" in err
