@@ -288,6 +288,88 @@ def dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+def run_case(name: str, rows: list[np.ndarray], emb, ref, info: dict, peak: float | None, args) -> dict:
+    """Time ours and the reference on the same rows; check that their vectors agree."""
+    warm = rows[: max(REF_BATCH, min(len(rows), 2 * emb.batcher.budget // max(len(r) for r in rows[:64])))]
+    emb.embed_ids(warm)
+    ref.embed_ids(warm[:REF_BATCH])
+    sync()
+    stats0 = (emb.stats.tokens, emb.stats.padded_tokens)
+    n_ours, v_ours, s_ours = timed_run(emb.embed_ids, rows, args.rows_per_call, args.cap_s)
+    eff_ours = (emb.stats.tokens - stats0[0]) / max(1, emb.stats.padded_tokens - stats0[1])
+    ref.padded_tokens = 0
+    # The reference works in arrival-order batches of 32 whatever it is handed; smaller calls only make the time
+    # cap finer.
+    n_ref, v_ref, s_ref = timed_run(ref.embed_ids, rows, 8 * REF_BATCH, args.cap_s)
+    eff_ref = sum(len(r) for r in rows[:n_ref]) / max(1, ref.padded_tokens)
+    lens_ours = np.array([len(r) for r in rows[:n_ours]])
+    lens_ref = np.array([len(r) for r in rows[:n_ref]])
+    k = min(n_ours, n_ref)
+    diff = float(np.abs(v_ours[:k] - v_ref[:k]).max())
+    cos = float((v_ours[:k] * v_ref[:k]).sum(1).min())
+    r = {
+        "case": name,
+        "rows": [n_ours, n_ref],
+        "ours_tok_s": float(lens_ours.sum() / s_ours),
+        "ref_tok_s": float(lens_ref.sum() / s_ref),
+        "ours_flops_s": useful_flops(lens_ours, info) / s_ours,
+        "ref_flops_s": useful_flops(lens_ref, info) / s_ref,
+        "ours_pad_eff": eff_ours,
+        "ref_pad_eff": eff_ref,
+        "max_abs_diff": diff,
+        "min_cos": cos,
+    }
+    r["ratio"] = r["ours_tok_s"] / r["ref_tok_s"]
+    ours = f"{r['ours_tok_s']:.0f} tok/s MFU {fmt_mfu(r['ours_flops_s'], peak).strip()}"
+    refs = f"{r['ref_tok_s']:.0f} tok/s MFU {fmt_mfu(r['ref_flops_s'], peak).strip()}"
+    log(
+        f"[{name}] ours {ours} ({n_ours} rows, {s_ours:.1f}s, pad eff {eff_ours:.3f}) | reference {refs} "
+        f"({n_ref} rows, {s_ref:.1f}s, pad eff {eff_ref:.3f}) | x{r['ratio']:.2f} | max|diff| {diff:.1e}, "
+        f"min cos {cos:.4f}"
+    )
+    return r
+
+
+def run_rerank(rr_dir, arch, dtype, device, rng, peak, args, reranker_cls, import_error) -> dict:
+    """tokens/s of the reranker (or the two-row stand-in) on pairs of ``--rerank-len`` tokens."""
+    rinfo = make_model_dir(rr_dir, arch, causal_lm=True, dtype=dtype, device=device, seed=args.seed + 1)
+    impl = "operators.reranker.Reranker"
+    try:
+        if reranker_cls is None:
+            raise RuntimeError(import_error)
+        rr = reranker_cls(
+            rr_dir,
+            device=device,
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+            batch_tokens=args.batch_tokens,
+        )
+        prefix, suffix = np.asarray(rr.prefix_ids, np.int32), np.asarray(rr.suffix_ids, np.int32)
+    except Exception as e:  # the optional import, or a constructor that does not accept the stand-in
+        log(f"reranker: operators.reranker unusable ({e}); timing the two-row head stand-in instead")
+        impl = "stand-in: backbone + two-row head"
+        rr = TwoRowReranker(rr_dir, dtype, device, args.batch_tokens or (65536 if device == "cuda" else 8192))
+        prefix, suffix = np.zeros(0, np.int32), np.zeros(0, np.int32)
+    body = max(1, args.rerank_len - len(prefix) - len(suffix))
+    n = max(REF_BATCH, args.tokens // args.rerank_len)
+    pairs = [np.concatenate([prefix, b, suffix]) for b in fixed_rows(rng, n, body)]
+    rr.score_ids(pairs[: min(len(pairs), 256)])
+    done, scores, secs = timed_run(rr.score_ids, pairs, args.rows_per_call, args.cap_s)
+    lens = np.array([len(x) for x in pairs[:done]])
+    rerank = {
+        "impl": impl,
+        "len": int(lens[0]),
+        "rows": done,
+        "tok_s": float(lens.sum() / secs),
+        "flops_s": useful_flops(lens, rinfo) / secs,
+        "score_range": [float(scores.min()), float(scores.max())],
+    }
+    log(
+        f"[rerank] {impl}: {rerank['tok_s']:.0f} tok/s MFU {fmt_mfu(rerank['flops_s'], peak).strip()} ({done} "
+        f"pairs of {rerank['len']} tokens, {secs:.1f}s; scores in [{scores.min():.3f}, {scores.max():.3f}])"
+    )
+    return rerank
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -317,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens = min(args.tokens, 4096)
         args.rerank_len = min(args.rerank_len, 64)
         mix = (150.0, 1.0, 512)
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(1)
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_gpu.py: no CUDA device; use --cpu-smoke to check the script on CPU")
@@ -376,87 +458,23 @@ def main(argv: list[str] | None = None) -> dict:
         if time.perf_counter() - t_start > args.budget_s:
             log(f"[{name}] skipped: the {args.budget_s:.0f}s budget is spent")
             continue
-        warm = rows[: max(REF_BATCH, min(len(rows), 2 * emb.batcher.budget // max(len(r) for r in rows[:64])))]
-        emb.embed_ids(warm)
-        ref.embed_ids(warm[:REF_BATCH])
-        sync()
-        stats0 = (emb.stats.tokens, emb.stats.padded_tokens)
-        n_ours, v_ours, s_ours = timed_run(emb.embed_ids, rows, args.rows_per_call, args.cap_s)
-        eff_ours = (emb.stats.tokens - stats0[0]) / max(1, emb.stats.padded_tokens - stats0[1])
-        ref.padded_tokens = 0
-        # The reference works in arrival-order batches of 32 whatever it is handed; smaller calls only make the time
-        # cap finer.
-        n_ref, v_ref, s_ref = timed_run(ref.embed_ids, rows, 8 * REF_BATCH, args.cap_s)
-        eff_ref = sum(len(r) for r in rows[:n_ref]) / max(1, ref.padded_tokens)
-        lens_ours = np.array([len(r) for r in rows[:n_ours]])
-        lens_ref = np.array([len(r) for r in rows[:n_ref]])
-        k = min(n_ours, n_ref)
-        diff = float(np.abs(v_ours[:k] - v_ref[:k]).max())
-        cos = float((v_ours[:k] * v_ref[:k]).sum(1).min())
-        r = {
-            "case": name,
-            "rows": [n_ours, n_ref],
-            "ours_tok_s": float(lens_ours.sum() / s_ours),
-            "ref_tok_s": float(lens_ref.sum() / s_ref),
-            "ours_flops_s": useful_flops(lens_ours, info) / s_ours,
-            "ref_flops_s": useful_flops(lens_ref, info) / s_ref,
-            "ours_pad_eff": eff_ours,
-            "ref_pad_eff": eff_ref,
-            "max_abs_diff": diff,
-            "min_cos": cos,
-        }
-        r["ratio"] = r["ours_tok_s"] / r["ref_tok_s"]
-        rows_out.append(r)
-        ours = f"{r['ours_tok_s']:.0f} tok/s MFU {fmt_mfu(r['ours_flops_s'], peak).strip()}"
-        refs = f"{r['ref_tok_s']:.0f} tok/s MFU {fmt_mfu(r['ref_flops_s'], peak).strip()}"
-        log(
-            f"[{name}] ours {ours} ({n_ours} rows, {s_ours:.1f}s, pad eff {eff_ours:.3f}) | reference {refs} "
-            f"({n_ref} rows, {s_ref:.1f}s, pad eff {eff_ref:.3f}) | x{r['ratio']:.2f} | max|diff| {diff:.1e}, "
-            f"min cos {cos:.4f}"
-        )
+        try:
+            rows_out.append(run_case(name, rows, emb, ref, info, peak, args))
+        except Exception as e:  # one failed case (an OOM, say) must not cost the others
+            log(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:300]}")
+            free_memory()
 
     del emb, ref
     free_memory()
 
     rerank: dict | None = None
     if not args.no_rerank and time.perf_counter() - t_start <= args.budget_s:
-        rr_dir = os.path.join(tmp.name, "rerank")
-        rinfo = make_model_dir(rr_dir, arch, causal_lm=True, dtype=dtype, device=device, seed=args.seed + 1)
-        impl = "operators.reranker.Reranker"
         try:
-            if Reranker is None:
-                raise RuntimeError(rerank_import_error)
-            rr = Reranker(
-                rr_dir,
-                device=device,
-                dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-                batch_tokens=args.batch_tokens,
+            rerank = run_rerank(
+                os.path.join(tmp.name, "rerank"), arch, dtype, device, rng, peak, args, Reranker, rerank_import_error
             )
-            prefix, suffix = rr.prefix_ids, rr.suffix_ids
-        except Exception as e:  # the optional import, or a constructor that does not accept the stand-in
-            log(f"reranker: operators.reranker unusable ({e}); timing the two-row head stand-in instead")
-            impl = "stand-in: backbone + two-row head"
-            rr = TwoRowReranker(rr_dir, dtype, device, args.batch_tokens or (65536 if device == "cuda" else 8192))
-            prefix, suffix = np.zeros(0, np.int32), np.zeros(0, np.int32)
-        body = max(1, args.rerank_len - len(prefix) - len(suffix))
-        n = max(REF_BATCH, args.tokens // args.rerank_len)
-        pairs = [np.concatenate([prefix, b, suffix]).astype(np.int32) for b in fixed_rows(rng, n, body)]
-        rr.score_ids(pairs[: min(len(pairs), 256)])
-        done, scores, secs = timed_run(rr.score_ids, pairs, args.rows_per_call, args.cap_s)
-        lens = np.array([len(x) for x in pairs[:done]])
-        rerank = {
-            "impl": impl,
-            "len": int(lens[0]),
-            "rows": done,
-            "tok_s": float(lens.sum() / secs),
-            "flops_s": useful_flops(lens, rinfo) / secs,
-            "score_range": [float(scores.min()), float(scores.max())],
-        }
-        log(
-            f"[rerank] {impl}: {rerank['tok_s']:.0f} tok/s MFU {fmt_mfu(rerank['flops_s'], peak).strip()} ({done} "
-            f"pairs of {rerank['len']} tokens, {secs:.1f}s; scores in [{scores.min():.3f}, {scores.max():.3f}])"
-        )
-        del rr
+        except Exception as e:
+            log(f"[rerank] FAILED: {type(e).__name__}: {str(e)[:300]}")
         free_memory()
 
     log()

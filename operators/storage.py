@@ -5,13 +5,19 @@ Everything goes through ``fsspec.url_to_fs`` so local paths, ``file://``, ``s3:/
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import fnmatch
 import hashlib
+import http.client
 import json
 import os
 import posixpath
+import random
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -27,8 +33,15 @@ JSONL_EXTS = (".jsonl", ".ndjson")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 
 # s3fs answers an unreachable endpoint only after botocore's default retries and timeouts (minutes). These defaults
-# make a wrong endpoint fail in seconds; users can override each one through --storage-options.
-_S3_DEFAULT_CONFIG = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 4, "mode": "standard"}}
+# make a wrong endpoint fail in seconds; users can override each one through --storage-options. botocore makes one
+# attempt per call: RetryingS3FileSystem below owns the retries (throttling, resets), with a time budget and a count.
+_S3_DEFAULT_CONFIG = {
+    "connect_timeout": 10,
+    "read_timeout": 120,
+    "retries": {"total_max_attempts": 1, "mode": "standard"},
+}
+DEFAULT_RETRY_BUDGET = 120.0  # seconds one S3 call may spend retrying throttling / resets before the job fails
+CONNECT_RETRIES = 3  # "could not connect" is retried only this often: a wrong endpoint must fail in seconds
 
 
 class StorageError(RayembedError):
@@ -61,15 +74,19 @@ def is_local(url: str) -> bool:
 
 def _with_defaults(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     opts = dict(storage_options or {})
-    if _protocol(url) in ("s3", "s3a"):
+    if _protocol(url) not in ("s3", "s3a"):
+        opts.pop("retry_budget", None)  # ours, for RetryingS3FileSystem only
+    else:
         # Other processes (Ray workers, other jobs) write under the same prefixes: a cached listing would hide their
         # files, and s3fs consults it even for a plain read.
         opts.setdefault("use_listings_cache", False)
         cfg = dict(_S3_DEFAULT_CONFIG)
         cfg.update(opts.get("config_kwargs", {}))
         opts["config_kwargs"] = cfg
-        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
+        endpoint = (
+            opts.pop("endpoint_url", None)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
         )
         if endpoint:
             client_kwargs = dict(opts.get("client_kwargs", {}))
@@ -103,6 +120,113 @@ def describe_error(e: BaseException) -> str:
     """One line for a storage exception; botocore chains are long and secrets never appear in them."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------ S3 retries with a budget
+
+_RETRY_LOCK = threading.Lock()
+_RETRIES: collections.Counter[str] = collections.Counter()  # this process's retries since the last take_retries()
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+}
+
+
+def take_retries() -> int:
+    """Storage retries made by this process since the last call (Ray stages report them with their records)."""
+    with _RETRY_LOCK:
+        n = sum(_RETRIES.values())
+        _RETRIES.clear()
+    return n
+
+
+def _retry_kind(e: BaseException) -> str | None:
+    """The cause to name when ``e`` is transient (throttling, 5xx, a reset connection), else None."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
+    from botocore.parsers import ResponseParserError
+
+    if isinstance(e, ClientError):
+        err = e.response.get("Error", {}) or {}
+        code = str(err.get("Code", ""))
+        status = int((e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
+        if code in _THROTTLE_CODES or status in (500, 502, 503, 504):
+            return f"{code or status} (HTTP {status})" if status else code
+        return None
+    if isinstance(e, EndpointConnectionError):
+        # "Could not connect" covers a refused connection (wrong endpoint: fail fast) and a reset one (retry).
+        cause = str(getattr(e, "kwargs", {}).get("error", "")).lower()
+        return "connection error (reset)" if "reset" in cause or "disconnect" in cause else "connect"
+    transient = (HTTPClientError, ResponseParserError, ConnectionError, TimeoutError, http.client.IncompleteRead)
+    if isinstance(e, transient):
+        return f"connection error ({type(e).__name__})"
+    mod = type(e).__module__ or ""
+    if mod.startswith("aiohttp") and type(e).__name__ in (
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientPayloadError",
+        "ServerTimeoutError",
+    ):
+        return f"connection error ({type(e).__name__})"
+    return None
+
+
+try:
+    import s3fs
+    from fsspec.asyn import sync_wrapper
+    from s3fs.core import translate_boto_error
+except ImportError:  # no s3fs: s3:// URLs fail in get_fs with a clear message
+    s3fs = None
+
+if s3fs is not None:
+
+    class RetryingS3FileSystem(s3fs.S3FileSystem):
+        """s3fs whose every S3 call retries throttling (503 SlowDown, 5xx) and reset connections with exponential
+        backoff and full jitter until ``retry_budget`` seconds have passed since the call's first failure; then it
+        raises a StorageError that names the cause. Retries are counted per process (``take_retries``)."""
+
+        def __init__(self, *args: Any, retry_budget: float = DEFAULT_RETRY_BUDGET, **kwargs: Any):
+            self.retry_budget = float(retry_budget)
+            super().__init__(*args, **kwargs)
+
+        async def _call_s3(self, method, *akwarglist, **kwargs):
+            await self.set_session()
+            s3 = await self.get_s3(kwargs.get("Bucket"))
+            fn = getattr(s3, method)
+            call_kwargs = self._get_s3_method_kwargs(fn, *akwarglist, **kwargs)
+            deadline, attempt = None, 0
+            while True:
+                try:
+                    return await fn(**call_kwargs)
+                except Exception as e:
+                    kind = _retry_kind(e)
+                    if kind is None or (kind == "connect" and attempt + 1 >= CONNECT_RETRIES):
+                        raise translate_boto_error(e) from e
+                    now = time.monotonic()
+                    deadline = deadline if deadline is not None else now + self.retry_budget
+                    if now >= deadline:
+                        where = f"{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}".rstrip("/")
+                        raise StorageError(
+                            f"S3 {method} {where} still failing after {attempt} retries within the "
+                            f"{self.retry_budget:g}s retry budget (--retry-budget): {kind}: {describe_error(e)}"
+                        ) from None
+                    attempt += 1
+                    with _RETRY_LOCK:
+                        _RETRIES[kind] += 1
+                    # Full jitter: uniform in [0, min(cap, base * 2**attempt)], never past the deadline.
+                    delay = random.uniform(0, min(5.0, 0.05 * 2**attempt))
+                    await asyncio.sleep(max(0.0, min(delay, deadline - now)))
+
+        call_s3 = sync_wrapper(_call_s3)  # the base class binds its own _call_s3 here (S3File uses it)
+
+    fsspec.register_implementation("s3", RetryingS3FileSystem, clobber=True)
+    fsspec.register_implementation("s3a", RetryingS3FileSystem, clobber=True)
 
 
 # --------------------------------------------------------------------------------------------------- shard listing
@@ -307,7 +431,9 @@ def prefix_fingerprint(url: str, storage_options: dict[str, Any] | None = None) 
         detail = fs.find(path, detail=True)
     except Exception as e:
         raise StorageError(f"cannot list model prefix {url!r}: {describe_error(e)}") from None
-    files = sorted((posixpath.relpath(p, path.rstrip("/")), i) for p, i in detail.items() if i.get("type") != "directory")
+    files = sorted(
+        (posixpath.relpath(p, path.rstrip("/")), i) for p, i in detail.items() if i.get("type") != "directory"
+    )
     if not files:
         raise StorageError(f"model prefix {url!r} is empty or does not exist")
     h = hashlib.sha256(url.encode())

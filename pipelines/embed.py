@@ -21,6 +21,7 @@ from operators.loading import inspect_model_dir, resolve_model_dir
 from operators.storage import Shard
 from pipelines import commit
 from pipelines.config import EmbedJobConfig
+from pipelines.lease import Lease
 from pipelines.stages import EmbedStage, read_shards, tokenize_block, write_parts
 
 log = logging.getLogger("rayembed")
@@ -38,6 +39,7 @@ class EmbedSummary:
     truncated: int
     elapsed: float
     output: str
+    retries: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -47,7 +49,8 @@ class EmbedSummary:
         return (
             f"rayembed embed: {self.shards} shards ({self.processed} processed, {self.skipped} already committed), "
             f"{self.docs} docs, {self.tokens} tokens, {self.tokens_per_s:,.0f} tokens/s, {self.files} files written, "
-            f"{self.quarantined} rows quarantined, {self.truncated} truncated, {self.elapsed:.1f}s -> {self.output}"
+            f"{self.quarantined} rows quarantined, {self.truncated} truncated, {self.retries} storage retries, "
+            f"{self.elapsed:.1f}s -> {self.output}"
         )
 
 
@@ -120,8 +123,9 @@ def _init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # Local mode: Ray starts in-process and stops with the driver.
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # Local mode: Ray starts in-process and stops with the driver. address="local" forces a new instance:
+        # a bare ray.init() attaches to whatever cluster /tmp/ray records (another user's, or a dead one).
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def _num_gpus(cfg: EmbedJobConfig) -> float:
@@ -132,8 +136,17 @@ def _num_gpus(cfg: EmbedJobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def plan_job(cfg: EmbedJobConfig) -> tuple[list[Shard], list[Shard], dict[str, dict[str, Any]], str, dict[str, Any]]:
-    shards = storage.list_shards(cfg.input, cfg.storage_options)
+def storage_options(cfg: EmbedJobConfig) -> dict[str, Any]:
+    """fsspec options for every storage call of the job: the user's, plus the S3 retry budget."""
+    return {"retry_budget": cfg.retry_budget, **cfg.storage_options}
+
+
+def plan_job(
+    cfg: EmbedJobConfig, lease: Lease | None = None
+) -> tuple[list[Shard], list[Shard], dict[str, dict[str, Any]], str, dict[str, Any]]:
+    """List and validate; then take the lease (if given) before reading the markers, so the plan is ours alone."""
+    so = storage_options(cfg)
+    shards = storage.list_shards(cfg.input, so)
     for item in cfg.input:
         root = item.split("*")[0].split("?")[0].split("[")[0]
         if storage.is_within(cfg.output, root):
@@ -154,7 +167,9 @@ def plan_job(cfg: EmbedJobConfig) -> tuple[list[Shard], list[Shard], dict[str, d
             "passthrough": list(cfg.passthrough),
         }
     )
-    markers = commit.load_markers(cfg.output, cfg.storage_options)
+    if lease is not None:
+        lease.acquire()
+    markers = commit.load_markers(cfg.output, so)
     pending, _done = commit.plan(shards, markers, key)
     return shards, pending, markers, key, model
 
@@ -174,7 +189,10 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
         }
         for s in pending
     ]
-    so = cfg.storage_options
+    so = storage_options(cfg)
+    # Fault-injection hooks (RAYEMBED_TEST_*) set in the driver's environment reach the stages' workers too.
+    hooks = {k: v for k, v in os.environ.items() if k.startswith("RAYEMBED_TEST_")}
+    remote: dict[str, Any] = {"runtime_env": {"env_vars": hooks}} if hooks else {}
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         read_shards,
@@ -187,6 +205,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "rows_per_block": cfg.rows_per_block,
             "storage_options": so,
         },
+        **remote,
     )
     ds = ds.map_batches(
         tokenize_block,
@@ -201,6 +220,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "drop_text": cfg.text_column not in cfg.passthrough,
             "storage_options": so,
         },
+        **remote,
     )
     ds = ds.map_batches(
         EmbedStage,
@@ -224,6 +244,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
         # max_task_retries=-1): at-least-once execution, made exactly-once by deterministic names and markers.
         num_gpus=_num_gpus(cfg),
         num_cpus=cfg.num_cpus,
+        **remote,
     )
     return ds.map_batches(
         write_parts,
@@ -236,21 +257,55 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "metadata": _file_metadata(cfg, model),
             "storage_options": so,
         },
+        **remote,
     )
+
+
+# Test hook: the driver sleeps this many seconds after each shard commit (driver-kill tests need a slow job).
+COMMIT_DELAY_ENV = "RAYEMBED_TEST_COMMIT_DELAY"
 
 
 def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
     t0 = time.time()
-    shards, pending, markers, key, model = plan_job(cfg)
+    lease = Lease(
+        cfg.output,
+        ttl=cfg.lease_ttl,
+        heartbeat=cfg.lease_heartbeat,
+        storage_options=storage_options(cfg),
+        info={"input": list(cfg.input)},
+    )
+    shards, pending, markers, key, model = plan_job(cfg, lease)
+    try:
+        summary = _run_planned(cfg, lease, shards, pending, markers, key, model, t0)
+    except BaseException as e:
+        lease.release(f"failed: {e if isinstance(e, RayembedError) else storage.describe_error(e)}")
+        raise
+    lease.release("succeeded")
+    return summary
+
+
+def _run_planned(
+    cfg: EmbedJobConfig,
+    lease: Lease,
+    shards: list[Shard],
+    pending: list[Shard],
+    markers: dict[str, dict[str, Any]],
+    key: str,
+    model: dict[str, Any],
+    t0: float,
+) -> EmbedSummary:
+    so = storage_options(cfg)
     log.info(
         "planned %d shards: %d pending, %d already committed", len(shards), len(pending), len(shards) - len(pending)
     )
     progress = {s.stem: commit.ShardProgress(s) for s in pending}
-    docs = tokens = files = quarantined = truncated = 0
+    docs = tokens = files = quarantined = truncated = retries = 0
+    delay = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
     if pending:
         _init_ray(cfg.address)
         ds = build_dataset(cfg, pending, model)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            lease.check()
             for rec in batch.to_pylist():
                 p = progress[rec["shard"]]
                 p.add(rec)
@@ -259,13 +314,17 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
                 files += int(rec["file"] is not None)
                 quarantined += rec["errors"]
                 truncated += rec["truncated"]
+                retries += rec.get("retries") or 0
                 if p.complete:
-                    markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, cfg.storage_options)
+                    markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, so)
+                    if delay:
+                        time.sleep(delay)
         # The run finished without error, so every shard was read to its end: commit the rest (empty shards).
         for p in progress.values():
             if p.shard.stem not in markers or markers[p.shard.stem].get("fingerprint") != p.shard.fingerprint:
                 p.total = p.seen
-                markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, cfg.storage_options)
+                markers[p.shard.stem] = commit.commit_shard(cfg.output, p, key, so)
+    lease.check()
     current = [markers[s.stem] for s in shards]
     total_rows = sum(m["rows"] + m["errors"] for m in current)
     total_errors = sum(m["errors"] for m in current)
@@ -276,7 +335,7 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
             f"--max-error-ratio {cfg.max_error_ratio:.2%}; no manifest written; "
             f"see {storage.join(cfg.output, '_errors')}"
         )
-    commit.write_manifest(cfg.output, current, cfg.public(), model, cfg.storage_options)
+    commit.write_manifest(cfg.output, current, cfg.public(), model, so)
     return EmbedSummary(
         shards=len(shards),
         processed=len(pending),
@@ -288,6 +347,7 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
         truncated=truncated,
         elapsed=time.time() - t0,
         output=cfg.output,
+        retries=retries + storage.take_retries(),
     )
 
 

@@ -36,9 +36,24 @@ ERROR_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-RECORD_FIELDS = ("shard", "part", "file", "rows", "errors", "errors_file", "tokens", "truncated", "shard_rows")
-# Test hook: an embed actor exits hard after this many batches (fault-injection tests of actor death).
+RECORD_FIELDS = (
+    "shard",
+    "part",
+    "file",
+    "rows",
+    "errors",
+    "errors_file",
+    "tokens",
+    "truncated",
+    "shard_rows",
+    "retries",
+)
+# Test hooks (fault injection). The driver forwards every RAYEMBED_TEST_* variable to the Ray stages.
+# An embed actor exits hard after K batches: "K" fires in every actor instance, "K:/path/flag" only in the first
+# one that creates the flag file (once per job, so the restarted actor finishes the job).
 ACTOR_EXIT_ENV = "RAYEMBED_TEST_ACTOR_EXIT_AFTER"
+# A data part of a shard whose stem equals this value raises half-way through its atomic write.
+FAIL_WRITE_ENV = "RAYEMBED_TEST_FAIL_WRITE"
 
 
 def part_name(stem: str, first_offset: int) -> str:
@@ -175,8 +190,25 @@ def read_shard(
     yield from flush_last(done)
 
 
+def _add_retries(table: pa.Table) -> pa.Table:
+    """Carry this process's storage retries (since the last call) on the block's first row to the driver."""
+    n = storage.take_retries()
+    if "_retries" not in table.column_names:
+        return table.append_column("_retries", pa.array([n] + [0] * (len(table) - 1), pa.int64()))
+    if n and len(table):
+        vals = table["_retries"].to_pylist()
+        vals[0] += n
+        table = table.set_column(table.schema.get_field_index("_retries"), "_retries", pa.array(vals, pa.int64()))
+    return table
+
+
 def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
     """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
+    for block in _read_shards(batch, **kwargs):
+        yield _add_retries(block)
+
+
+def _read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
     for i in range(len(batch["url"])):
         shard = Shard(
             url=str(batch["url"][i]),
@@ -231,7 +263,8 @@ def tokenize_block(
     out = out.set_column(out.schema.get_field_index("error_type"), "error_type", pa.array(types, pa.string()))
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     return (
-        out.append_column("input_ids", ids_to_arrow(ids))
+        _add_retries(out)
+        .append_column("input_ids", ids_to_arrow(ids))
         .append_column("num_tokens", pa.array(lengths, pa.int32()))
         .append_column("truncated", pa.array(encoded.truncated & (lengths > 0)))
     )
@@ -246,8 +279,9 @@ class EmbedStage(Embedder):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._batches = 0
-        exit_after = os.environ.get(ACTOR_EXIT_ENV)
+        exit_after, _, flag = (os.environ.get(ACTOR_EXIT_ENV) or "").partition(":")
         self._exit_after = int(exit_after) if exit_after else None
+        self._exit_flag = flag or None
         log.info(
             "embed actor ready: %s on %s/%s, %.1f MB of weights",
             self.spec.source,
@@ -257,11 +291,22 @@ class EmbedStage(Embedder):
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = super().__call__(batch).drop_columns(["input_ids"])
+        out = _add_retries(super().__call__(batch).drop_columns(["input_ids"]))
         self._batches += 1
-        if self._exit_after is not None and self._batches >= self._exit_after:
+        if self._exit_after is not None and self._batches >= self._exit_after and self._claim_exit():
+            log.warning("test hook %s: embed actor exits now", ACTOR_EXIT_ENV)
             os._exit(1)
         return out
+
+    def _claim_exit(self) -> bool:
+        if self._exit_flag is None:
+            return True
+        try:
+            os.close(os.open(self._exit_flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            self._exit_after = None
+            return False
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------- write
@@ -279,6 +324,9 @@ def write_parts(
     """Write each shard's rows of this block as one immutable part, named by the shard and its first row offset,
     plus a quarantine part for its bad rows. Returns one small record per part for the driver's commit."""
     records = []
+    retries = storage.take_retries()
+    if "_retries" in table.column_names:
+        retries += int(pc.sum(table["_retries"]).as_py() or 0)
     kv = {k.encode(): v.encode() for k, v in metadata.items()}
     for stem in pc.unique(table["_shard"]).to_pylist():
         sub = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
@@ -295,6 +343,7 @@ def write_parts(
             "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
             "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
             "shard_rows": int(pc.max(sub["_shard_rows"]).as_py()),
+            "retries": retries if not records else 0,
         }
         if len(good):
             data = pa.table(
@@ -334,6 +383,7 @@ RECORD_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
         ("truncated", pa.int64()),
         ("shard_rows", pa.int64()),
+        ("retries", pa.int64()),
     ]
 )
 
@@ -341,4 +391,10 @@ RECORD_SCHEMA = pa.schema(
 def _write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any] | None) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes(url, buf.getvalue(), storage_options)
+    data = buf.getvalue()
+    fail = os.environ.get(FAIL_WRITE_ENV)
+    if fail and "/data/" in url.replace(os.sep, "/") and part_pattern(fail).search(url):
+        with storage.atomic_write(url, storage_options) as f:
+            f.write(data[: len(data) // 2])
+            raise RuntimeError(f"test hook {FAIL_WRITE_ENV}: write of {url} failed half-way")
+    storage.write_bytes(url, data, storage_options)

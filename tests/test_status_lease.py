@@ -1,0 +1,122 @@
+"""The output-prefix lease, `rayembed status`, the new options, and the duplicate-id policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from operators import storage
+from operators.errors import ConfigError
+from pipelines import cli
+from pipelines.config import build_embed_config
+from pipelines.lease import Lease, LeaseHeldError, lease_state, lease_url
+from tests.corpus import make_docs, write_parquet
+
+
+def _lease_file(out, *, host="other-host", pid=4242, job="abc123", age=0.0, ttl=30.0, **extra) -> None:
+    os.makedirs(out, exist_ok=True)
+    rec = {"holder": {"host": host, "pid": pid, "job_id": job}, "heartbeat_at": time.time() - age, "ttl_s": ttl}
+    storage.write_json(lease_url(str(out)), {**rec, **extra})
+
+
+def test_live_lease_refuses_and_names_holder(tmp_path):
+    _lease_file(tmp_path / "out", age=2)
+    with pytest.raises(LeaseHeldError, match=r"leased by job abc123 \(pid 4242 on other-host\), last heartbeat 2s"):
+        Lease(str(tmp_path / "out")).acquire()
+
+
+@pytest.mark.parametrize(
+    "kind, lease",
+    [
+        ("expired", dict(age=31, ttl=30)),
+        ("dead", dict(host=socket.gethostname(), pid=2**22 + 12345)),  # above pid_max: never alive
+        ("released", dict(released_at=1.0, outcome="succeeded")),
+    ],
+)
+def test_stale_lease_is_taken_over(kind, lease, tmp_path):
+    out = tmp_path / "out"
+    _lease_file(out, **lease)
+    assert lease_state(storage.read_json(lease_url(str(out)))) == kind
+    held = Lease(str(out), ttl=5, heartbeat=0.2).acquire()
+    try:
+        first = storage.read_json(lease_url(str(out)))
+        assert first["holder"] == {"host": socket.gethostname(), "pid": os.getpid(), "job_id": held.job_id}
+        time.sleep(0.7)
+        assert storage.read_json(lease_url(str(out)))["heartbeat_at"] > first["heartbeat_at"]  # the driver thread
+        with pytest.raises(LeaseHeldError, match=held.job_id):
+            Lease(str(out)).acquire()  # a second job while this one lives
+    finally:
+        held.release("succeeded")
+    rec = storage.read_json(lease_url(str(out)))
+    assert rec["outcome"] == "succeeded" and lease_state(rec) == "released"
+
+
+def test_lease_lost_to_another_job_stops_the_holder(tmp_path):
+    out = tmp_path / "out"
+    held = Lease(str(out), ttl=5, heartbeat=0.2).acquire()
+    _lease_file(out, job="intruder")
+    time.sleep(0.8)
+    with pytest.raises(LeaseHeldError, match="taken by job intruder"):
+        held.check()
+    held.release()
+    assert storage.read_json(lease_url(str(out)))["holder"]["job_id"] == "intruder"  # not overwritten
+
+
+def test_options_validated_and_documented(capsys):
+    base = {"input": "x", "output": "y"}
+    with pytest.raises(ConfigError, match="--lease-heartbeat must be positive and below --lease-ttl"):
+        build_embed_config({**base, "lease_ttl": 5, "lease_heartbeat": 5})
+    with pytest.raises(ConfigError, match="--retry-budget"):
+        build_embed_config({**base, "retry_budget": -1})
+    cfg = build_embed_config({**base, "lease_ttl": 30, "lease_heartbeat": 3, "retry_budget": 10})
+    assert (cfg.lease_ttl, cfg.lease_heartbeat, cfg.retry_budget) == (30, 3, 10)
+    with pytest.raises(SystemExit):
+        cli.main(["embed", "--help"])
+    helptext = capsys.readouterr().out
+    for flag in ("--lease-ttl", "--lease-heartbeat", "--retry-budget"):
+        assert flag in helptext
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--help"])
+    assert "pending" in capsys.readouterr().out
+
+
+def test_status_duplicates_and_released_lease(tmp_path, qwen_model_dir, ray_local, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    docs = make_docs(6, seed=1)
+    docs.append({**docs[0], "text": "a different text under the same id"})  # duplicate id 0
+    write_parquet(docs, str(inp / "a.parquet"))
+    write_parquet(make_docs(4, seed=2, start_id=50), str(inp / "b.parquet"))
+    args = ["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir, "-q"]
+    assert cli.main(args) == 0
+    assert "0 storage retries" in capsys.readouterr().out
+
+    # Duplicate ids are kept: each row is embedded and written (no dedup; the id column is not a key).
+    from tests.pipeline_checks import read_output
+
+    _, table = read_output(str(out))
+    assert sorted(table["id"].to_pylist()) == sorted([d["id"] for d in docs] + list(range(50, 54)))
+    assert table["id"].to_pylist().count(0) == 2
+
+    assert cli.main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "shards: 2 done, 0 pending, 0 stale (input changed), 2 in the input" in text
+    assert "rows: 11 written, 0 quarantined" in text
+    assert "lease: released; last job" in text and "succeeded" in text
+    assert "manifest: written" in text and "2 shards, 11 rows" in text
+
+    # A new shard is pending; a rewritten one is stale. --json gives the same report as data.
+    write_parquet(make_docs(3, seed=3, start_id=90), str(inp / "c.parquet"))
+    time.sleep(0.01)
+    write_parquet(make_docs(5, seed=4, start_id=50), str(inp / "b.parquet"))
+    assert cli.main(["status", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pending"] == ["c"] and report["stale"] == ["b"] and report["done"] == 1
+    assert report["lease"]["state"] == "released" and report["manifest"]["totals"]["rows"] == 11
+
+    assert cli.main(["status", str(tmp_path / "nothing")]) == 2
+    assert "holds no rayembed embed output" in capsys.readouterr().err
