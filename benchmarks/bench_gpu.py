@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=2**21, help="tokens per length and method (default 2,097,152)")
     p.add_argument("--rows-per-call", type=int, default=ROWS_PER_CALL, help="rows per Embedder call (default 1024)")
     p.add_argument("--batch-tokens", type=int, default=None, help="Embedder batch_tokens (default: its own)")
+    p.add_argument("--compile", action="store_true", help="Embedder(compile=True): torch.compile the model")
     p.add_argument("--rerank-len", type=int, default=512, help="reranker pair length in tokens (default 512)")
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--cap-s", type=float, default=15.0, help="stop a measurement after this many seconds")
@@ -437,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=device,
         dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
         batch_tokens=args.batch_tokens,
+        compile=args.compile,
     )
     ref = Reference(emb_dir, dtype, device)
     log(

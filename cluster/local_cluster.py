@@ -32,10 +32,12 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from ray._common.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 
 DEFAULT_OBJECT_STORE_BYTES = 256 * 1024 * 1024
@@ -62,14 +64,13 @@ def _port_args() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _keep_address_file() -> Iterator[None]:
-    """Leave ``<ray temp dir>/ray_current_cluster`` as it was.
+    """Leave the machine's default ``/tmp/ray/ray_current_cluster`` as it was.
 
-    ``Cluster`` writes its head's address there and deletes the file on shutdown. Any plain ``ray.init()`` on this
-    machine (local mode of every other tool and test) would then connect to this cluster instead of starting its
-    own, or fail on a stale address. This helper's clients pass the address explicitly, so the file is restored.
+    ``Cluster`` writes its head's address there when the head starts and deletes the file on shutdown. A plain
+    ``ray.init()`` anywhere on this machine (the local mode of every other tool and test) would then connect to this
+    cluster instead of starting its own, or fail on an address that no longer answers. This cluster records its
+    address in its own temp dir instead (see ``start_local_cluster``), and clients pass the address explicitly.
     """
-    from ray._common.utils import get_ray_address_file
-
     path = get_ray_address_file(None)
     try:
         with open(path) as f:
@@ -91,9 +92,10 @@ def _keep_address_file() -> Iterator[None]:
 
 
 class LocalCluster(Cluster):
-    """``ray.cluster_utils.Cluster`` that leaves the machine's default Ray address file alone."""
+    """``ray.cluster_utils.Cluster`` that keeps to its own temp dir and leaves the machine's default address alone."""
 
     dashboard_url: str | None = None
+    temp_dir: str | None = None
 
     def shutdown(self) -> None:
         with _keep_address_file():
@@ -109,6 +111,7 @@ def start_local_cluster(
     object_store_bytes: int = DEFAULT_OBJECT_STORE_BYTES,
     dashboard: bool = False,
     worker_resources: dict[str, float] | None = None,
+    temp_dir: str | None = None,
 ) -> LocalCluster:
     """Start a head plus ``workers`` worker nodes and wait until all of them are alive; returns the cluster.
 
@@ -116,21 +119,32 @@ def start_local_cluster(
     ``cpus_per_worker`` CPUs and ``gpus_per_worker`` logical GPUs. ``dashboard=True`` starts the dashboard on a free
     port (needed for ``ray job submit``); its URL is ``cluster.dashboard_url``. The caller owns the cluster and must
     call ``cluster.shutdown()`` (and ``ray.shutdown()`` first if it connected).
+
+    Sessions, logs and sockets live under ``temp_dir`` (default: a new ``/tmp/rayc-*`` directory, kept after
+    shutdown for its logs), which also holds this cluster's ``ray_current_cluster``: jobs submitted to the dashboard
+    find their cluster through it, while the machine-wide ``/tmp/ray/ray_current_cluster`` stays untouched.
     """
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    # Short on purpose: Unix socket paths under <temp_dir>/session_*/sockets/ must stay below ~107 bytes.
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="rayc-", dir="/tmp")
     head_args: dict[str, Any] = {
         "num_cpus": head_cpus,
         "num_gpus": head_gpus,
         "object_store_memory": object_store_bytes,
         "include_dashboard": dashboard,
+        "temp_dir": temp_dir,
         **_port_args(),
     }
     if dashboard:
         head_args.update(dashboard_host="127.0.0.1", dashboard_port=_free_port())
     with _keep_address_file():
         cluster = LocalCluster(initialize_head=True, head_node_args=head_args)
+    cluster.temp_dir = temp_dir
     try:
+        # The job supervisor resolves its own cluster ("auto") through this file in the node's temp dir.
+        with open(get_ray_address_file(temp_dir), "w") as f:
+            f.write(cluster.address)
         if dashboard:
             cluster.dashboard_url = f"http://{head_args['dashboard_host']}:{head_args['dashboard_port']}"
         for _ in range(workers):
@@ -139,6 +153,7 @@ def start_local_cluster(
                 num_gpus=gpus_per_worker,
                 resources=dict(worker_resources or {}),
                 object_store_memory=object_store_bytes,
+                temp_dir=temp_dir,
                 **_port_args(),
             )
         cluster.wait_for_nodes()
@@ -169,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-worker", type=float, default=1, help="logical GPUs per worker node (default: 1)")
     p.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs per worker node (default: 2)")
     p.add_argument("--head-cpus", type=int, default=1, help="CPUs on the head node (default: 1)")
-    p.add_argument("--object-store-mb", type=int, default=DEFAULT_OBJECT_STORE_BYTES // 2**20,
-                   help="object store per node in MiB (default: 256)")
+    p.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=DEFAULT_OBJECT_STORE_BYTES // 2**20,
+        help="object store per node in MiB (default: 256)",
+    )
     p.add_argument("--dashboard", action="store_true", help="start the dashboard (for `ray job submit`)")
     p.add_argument("--check", action="store_true", help="connect, print the cluster resources, shut down, exit")
     args = p.parse_args(argv)
@@ -185,12 +204,15 @@ def main(argv: list[str] | None = None) -> int:
         dashboard=args.dashboard,
     )
     try:
-        print(f"local Ray cluster up in {time.time() - t0:.1f}s: head + {args.workers} worker node(s), "
-              f"{args.gpus_per_worker:g} logical GPU(s) each", flush=True)
-        print(f"address: {cluster.address}")
+        print(
+            f"local Ray cluster up in {time.time() - t0:.1f}s: head + {args.workers} worker node(s), "
+            f"{args.gpus_per_worker:g} logical GPU(s) each",
+            flush=True,
+        )
+        print(f"address: {cluster.address}   (logs: {cluster.temp_dir})")
         print(f"  export RAY_ADDRESS={cluster.address}    # rayembed embed ... / ray.init(address=...)")
         if cluster.dashboard_url:
-            print(f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- python -m pipelines.embed ...")
+            print(f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- python -m pipelines.embed")
         sys.stdout.flush()
         if args.check:
             _check(cluster)

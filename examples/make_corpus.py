@@ -73,21 +73,30 @@ CODE = [
     "SELECT id, title FROM documents WHERE lang = 'en' ORDER BY id LIMIT 10;",
     "for (let i = 0; i < 10; i++) {\n  console.log(`item ${i}`);\n}",
     "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
-    "fn main() {\n    let v: Vec<i32> = (1..=5).collect();\n    println!(\"{}\", v.iter().sum::<i32>());\n}",
+    'fn main() {\n    let v: Vec<i32> = (1..=5).collect();\n    println!("{}", v.iter().sum::<i32>());\n}',
     "import ray\n\nray.init()\nds = ray.data.read_parquet('s3://bucket/docs/')\nprint(ds.count())",
-    "package main\n\nimport \"fmt\"\n\nfunc main() {\n\tfmt.Println(\"hello, world\")\n}",
+    'package main\n\nimport "fmt"\n\nfunc main() {\n\tfmt.Println("hello, world")\n}',
     "with open('data.jsonl') as f:\n    rows = [json.loads(line) for line in f]",
-    "#include <stdio.h>\n\nint main(void) {\n    printf(\"hello\\n\");\n    return 0;\n}",
+    '#include <stdio.h>\n\nint main(void) {\n    printf("hello\\n");\n    return 0;\n}',
     "def l2_normalize(x):\n    return x / np.linalg.norm(x, axis=-1, keepdims=True)",
     "aws s3 cp ./vectors s3://my-bucket/vectors/ --recursive",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n        self.items.append(x)",
+    (
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+        "    def push(self, x):\n        self.items.append(x)"
+    ),
     "CREATE TABLE docs (id BIGINT PRIMARY KEY, text TEXT, embedding FLOAT[1024]);",
     "const sum = (xs) => xs.reduce((a, b) => a + b, 0);",
     "import torch\n\nx = torch.randn(4, 8, device='cuda', dtype=torch.bfloat16)\ny = x @ x.T",
-    "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    p, *rest = xs\n    return quicksort([x for x in rest if x < p]) + [p] + quicksort([x for x in rest if x >= p])",
+    (
+        "def quicksort(xs):\n    if len(xs) <= 1:\n        return xs\n    p, *rest = xs\n"
+        "    return quicksort([x for x in rest if x < p]) + [p] + quicksort([x for x in rest if x >= p])"
+    ),
     "kubectl get pods -n ray -l ray.io/node-type=worker",
     "import pyarrow.parquet as pq\n\ntable = pq.read_table('vectors.parquet', columns=['id', 'embedding'])",
-    "public static int max(int[] xs) {\n    int m = xs[0];\n    for (int x : xs) m = Math.max(m, x);\n    return m;\n}",
+    (
+        "public static int max(int[] xs) {\n    int m = xs[0];\n"
+        "    for (int x : xs) m = Math.max(m, x);\n    return m;\n}"
+    ),
 ]
 
 QUERIES = [
@@ -131,7 +140,9 @@ def write_corpus(out: str) -> list[str]:
             with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 gz.write(_jsonl(rows))
         else:
-            schema = pa.schema([("id", pa.int64()), ("text", pa.string()), ("lang", pa.string()), ("url", pa.string())])
+            schema = pa.schema(
+                [("id", pa.int64()), ("text", pa.string()), ("lang", pa.string()), ("url", pa.string())]
+            )
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="zstd")
         paths.append(path)
     return paths

@@ -72,6 +72,7 @@ class Embedder:
         trust_remote_code: bool = False,
         storage_options: dict[str, Any] | None = None,
         spec: ModelSpec | None = None,
+        compile: bool = False,
     ):
         self.out_dtype = check_output_dtype(output_dtype)
         self.device = pick_device(device)
@@ -85,6 +86,11 @@ class Embedder:
         self.text_column = text_column
         self.encoder = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
         self.model = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
+        if compile:
+            # Fuses the norm/RoPE/activation kernels that dominate a small model's GPU time (2x on the 0.6B at 512
+            # tokens on an H200). Shapes vary per micro-batch: torch.compile turns dimensions dynamic after the
+            # first recompile, so the cost is a warm-up, not one compile per shape.
+            self.model = torch.compile(self.model)
         self.stats = BatchStats()
         self.batcher = MicroBatcher(batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats)
 

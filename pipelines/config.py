@@ -43,6 +43,7 @@ class EmbedJobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     trust_remote_code: bool = False
+    compile: bool = False  # torch.compile the model in each actor (GPU: about 2x for the 0.6B)
     lease_ttl: float = 60.0  # seconds without a heartbeat after which another job may take the output prefix
     lease_heartbeat: float = 10.0  # seconds between lease renewals by the driver
     retry_budget: float = 120.0  # seconds one S3 call may retry throttling / resets before the job fails

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -224,7 +225,9 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
     )
     ds = ds.map_batches(
         EmbedStage,
-        batch_size=None,
+        # Ray Data requires an explicit batch size for GPU stages. A batch may join rows of several shards (the
+        # writer splits them by shard) or split a block; parts are named by their first row offset either way.
+        batch_size=cfg.rows_per_block,
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "model": cfg.model,
@@ -238,6 +241,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "revision": cfg.revision,
             "trust_remote_code": cfg.trust_remote_code,
             "storage_options": so,
+            "compile": cfg.compile,
         },
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         # Ray Data's defaults restart dead actors and retry their tasks forever (max_restarts=-1,
@@ -261,6 +265,27 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
     )
 
 
+def _worker_cause(e: BaseException) -> Exception | None:
+    """The storage or user-facing error a Ray worker raised, from the chain Ray wraps it in (where the chain is
+    lost in transit, from the worker traceback's text), so the CLI prints one line naming the cause."""
+    if not type(e).__module__.startswith("ray"):
+        return None
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x is not e and isinstance(x, (RayembedError, OSError)):
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    for line in str(e).splitlines():
+        m = re.match(r"^\s*(?:[\w.]+\.)?(StorageError|OSError): (.+)$", line)
+        if m:
+            return (storage.StorageError if m.group(1) == "StorageError" else OSError)(m.group(2))
+    return None
+
+
 # Test hook: the driver sleeps this many seconds after each shard commit (driver-kill tests need a slow job).
 COMMIT_DELAY_ENV = "RAYEMBED_TEST_COMMIT_DELAY"
 
@@ -276,7 +301,13 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
     )
     shards, pending, markers, key, model = plan_job(cfg, lease)
     try:
-        summary = _run_planned(cfg, lease, shards, pending, markers, key, model, t0)
+        try:
+            summary = _run_planned(cfg, lease, shards, pending, markers, key, model, t0)
+        except Exception as e:
+            cause = _worker_cause(e)
+            if cause is None:
+                raise
+            raise cause from None  # the worker traceback is in the Ray logs above
     except BaseException as e:
         lease.release(f"failed: {e if isinstance(e, RayembedError) else storage.describe_error(e)}")
         raise

@@ -316,8 +316,8 @@ def read_rerank_shard(
             yield from push(g)
         yield from flush()
     except Exception as e:
-        # Groups read so far are kept (pairs of a query may be incomplete: the marker is not written for a shard
-        # that failed, but the rows already produced are still quarantined consistently).
+        # The queries read before the failure are ranked among the pairs read so far; the shard-level record below
+        # says where reading stopped, as the embed reader does.
         for g in grouper.drain():
             yield from push(g)
         yield from flush()

@@ -584,71 +584,75 @@ def _search(
         "storage_options": so,
     }
     actors = [actor_cls.remote(embed_kwargs, rerank_kwargs) for _ in range(cfg.concurrency)]
-    summary.model_bytes = ray.get(actors[0].model_bytes.remote())
-    pool = ActorPool(actors)
+    try:
+        summary.model_bytes = ray.get(actors[0].model_bytes.remote())
+        pool = ActorPool(actors)
 
-    # 1. embed the queries
-    qpb = cfg.queries_per_block
-    blocks = [valid[i : i + qpb] for i in range(0, len(valid), qpb)]
-    qvecs = np.zeros((len(valid), embed_model["dim"]), dtype=np.float32)
-    for index, vecs, _trunc in pool.map_unordered(
-        lambda a, b: a.embed.remote(b[0], [q.text for q in b[1]]), list(enumerate(blocks))
-    ):
-        qvecs[index * qpb : index * qpb + len(vecs)] = vecs
+        # 1. embed the queries
+        qpb = cfg.queries_per_block
+        blocks = [valid[i : i + qpb] for i in range(0, len(valid), qpb)]
+        qvecs = np.zeros((len(valid), embed_model["dim"]), dtype=np.float32)
+        for index, vecs, _trunc in pool.map_unordered(
+            lambda a, b: a.embed.remote(b[0], [q.text for q in b[1]]), list(enumerate(blocks))
+        ):
+            qvecs[index * qpb : index * qpb + len(vecs)] = vecs
 
-    # 2. exact top-k over the corpus vectors
-    top, present, _rows = _scan(cfg, files, qvecs if len(valid) else None, k, wanted)
-    if top is None:
-        top = TopK.empty(len(valid))
-    cand_ids = top.ids.tolist()
-    cand_scores = top.scores.tolist()
+        # 2. exact top-k over the corpus vectors
+        top, present, _rows = _scan(cfg, files, qvecs if len(valid) else None, k, wanted)
+        if top is None:
+            top = TopK.empty(len(valid))
+        cand_ids = top.ids.tolist()
+        cand_scores = top.scores.tolist()
 
-    # 3. the candidates' texts
-    needed = {str(d) for row in cand_ids for d in row}
-    texts, bad_texts = _texts(cfg, needed) if needed else ({}, {})
+        # 3. the candidates' texts
+        needed = {str(d) for row in cand_ids for d in row}
+        texts, bad_texts = _texts(cfg, needed) if needed else ({}, {})
 
-    # 4. rerank, block by block of query rows (valid or not, so each part carries its own quarantine records)
-    row_of = {id(q): i for i, q in enumerate(valid)}
-    by_shard: dict[str, list[Query]] = {}
-    for q in todo:
-        by_shard.setdefault(q.shard, []).append(q)
-    parts: list[tuple[str, list[Query]]] = []
-    for stem in sorted(by_shard):
-        rows = sorted(by_shard[stem], key=lambda q: q.offset)
-        parts.extend((stem, rows[i : i + qpb]) for i in range(0, len(rows), qpb))
+        # 4. rerank, block by block of query rows (valid or not, so each part carries its own quarantine records)
+        row_of = {id(q): i for i, q in enumerate(valid)}
+        by_shard: dict[str, list[Query]] = {}
+        for q in todo:
+            by_shard.setdefault(q.shard, []).append(q)
+        parts: list[tuple[str, list[Query]]] = []
+        for stem in sorted(by_shard):
+            rows = sorted(by_shard[stem], key=lambda q: q.offset)
+            parts.extend((stem, rows[i : i + qpb]) for i in range(0, len(rows), qpb))
 
-    def payload(index: int) -> tuple[int, list[str], list[str]]:
-        qs, ds = [], []
-        for q in parts[index][1]:
-            if q.error is None:
-                for d in cand_ids[row_of[id(q)]]:
-                    if str(d) in texts:
-                        qs.append(q.text)
-                        ds.append(texts[str(d)])
-        return index, qs, ds
+        def payload(index: int) -> tuple[int, list[str], list[str]]:
+            qs, ds = [], []
+            for q in parts[index][1]:
+                if q.error is None:
+                    for d in cand_ids[row_of[id(q)]]:
+                        if str(d) in texts:
+                            qs.append(q.text)
+                            ds.append(texts[str(d)])
+            return index, qs, ds
 
-    records: dict[str, list[dict[str, Any]]] = {s.stem: [] for s in pending}
-    remaining = {stem: sum(1 for s, _ in parts if s == stem) for stem in records}
-    progress = {s.stem: s for s in pending}
-    for index, scores, tokens, truncated in pool.map_unordered(
-        lambda a, i: a.rerank.remote(*payload(i)), list(range(len(parts)))
-    ):
-        stem, rows = parts[index]
-        rec = _write_part(cfg, stem, rows, row_of, cand_ids, cand_scores, texts, bad_texts, scores)
-        rec.update(tokens=tokens, truncated=truncated)
-        summary.pairs += len(scores)
-        summary.tokens += tokens
-        summary.files += int(rec["file"] is not None)
-        records[stem].append(rec)
-        remaining[stem] -= 1
-        if remaining[stem] == 0:
-            p = commit.ShardProgress(progress[stem], parts=records[stem], total=None)
-            markers[stem] = commit.commit_shard(cfg.output, p, key, so)
-    for stem, recs in records.items():  # query shards with no rows at all
-        if stem not in markers or markers[stem].get("fingerprint") != progress[stem].fingerprint:
-            markers[stem] = commit.commit_shard(cfg.output, commit.ShardProgress(progress[stem], parts=recs), key, so)
-    for a in actors:
-        ray.kill(a)
+        records: dict[str, list[dict[str, Any]]] = {s.stem: [] for s in pending}
+        remaining = {stem: sum(1 for s, _ in parts if s == stem) for stem in records}
+        progress = {s.stem: s for s in pending}
+        for index, scores, tokens, truncated in pool.map_unordered(
+            lambda a, i: a.rerank.remote(*payload(i)), list(range(len(parts)))
+        ):
+            stem, rows = parts[index]
+            rec = _write_part(cfg, stem, rows, row_of, cand_ids, cand_scores, texts, bad_texts, scores)
+            rec.update(tokens=tokens, truncated=truncated)
+            summary.pairs += len(scores)
+            summary.tokens += tokens
+            summary.files += int(rec["file"] is not None)
+            records[stem].append(rec)
+            remaining[stem] -= 1
+            if remaining[stem] == 0:
+                p = commit.ShardProgress(progress[stem], parts=records[stem], total=None)
+                markers[stem] = commit.commit_shard(cfg.output, p, key, so)
+        for stem, recs in records.items():  # query shards with no rows at all
+            if stem not in markers or markers[stem].get("fingerprint") != progress[stem].fingerprint:
+                markers[stem] = commit.commit_shard(
+                    cfg.output, commit.ShardProgress(progress[stem], parts=recs), key, so
+                )
+    finally:
+        for a in actors:  # also on failure: a shared cluster gets its CPUs/GPUs back
+            ray.kill(a)
     return present
 
 

@@ -396,5 +396,5 @@ def _write_parquet(table: pa.Table, url: str, storage_options: dict[str, Any] | 
     if fail and "/data/" in url.replace(os.sep, "/") and part_pattern(fail).search(url):
         with storage.atomic_write(url, storage_options) as f:
             f.write(data[: len(data) // 2])
-            raise RuntimeError(f"test hook {FAIL_WRITE_ENV}: write of {url} failed half-way")
+            raise OSError(f"test hook {FAIL_WRITE_ENV}: write of {url} failed half-way")
     storage.write_bytes(url, data, storage_options)

@@ -68,7 +68,9 @@ class S3Proxy:
                     for k, v in resp.getheaders():
                         if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
                             self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                    # HEAD answers carry the object's length, not that of the (empty) body.
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", length or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

@@ -221,7 +221,7 @@ def test_throttled_bucket_100_percent_fails_within_budget(s3_server, proxy, corp
         *_args(
             f"s3://{bucket}/in/", f"s3://{bucket}/out", qwen_model_dir, "--storage-options", so, "--retry-budget", "3"
         ),
-        rc=1,
+        rc=2,
     )
     elapsed = time.time() - t0
     proxy.fault(0)

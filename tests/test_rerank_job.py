@@ -72,9 +72,11 @@ def _read(out: str, so=None):
     return manifest, data.to_pylist(), errors.to_pylist()
 
 
-def _check(manifest, rows, errors, reranker):
+def _check(manifest, rows, errors, reranker, extra_rows=0):
     by_q: dict = {}
     for r in rows:
+        if r["doc_id"] == 99:  # the duplicate shard of the local test
+            continue
         by_q.setdefault(r["query_id"], []).append(r)
     assert sorted(by_q) == ["qa", "qb", "qc", "qd", "qe"]  # qn: its only pair is quarantined
     expect = {
@@ -106,7 +108,7 @@ def _check(manifest, rows, errors, reranker):
         ("qn", "4", "InvalidText", "query is null"),
     ]
     assert got_errors == sorted(expected, key=str)
-    assert manifest["totals"]["rows"] == len(rows) == 3 + 2 + 3 + 2
+    assert manifest["totals"]["rows"] == len(rows) == 3 + 2 + 3 + 2 + extra_rows
     assert manifest["totals"]["errors"] == 4
     assert manifest["config"]["instruction"].startswith("Given a web search query")
 
@@ -115,6 +117,8 @@ def test_rerank_job_local(tmp_path, qwen_lm_dir, reranker, ray_local, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     _write_inputs(str(inp))
+    # A third shard repeats query qa: it is ranked there on its own, and the job warns.
+    (inp / "dup.jsonl").write_text(json.dumps({**PAIRS[0], "doc_id": 99, "doc": "again"}) + "\n")
     argv = [
         "rerank",
         "--input",
@@ -130,13 +134,19 @@ def test_rerank_job_local(tmp_path, qwen_lm_dir, reranker, ray_local, capsys):
         "-q",
     ]
     assert cli.main(argv) == 0, capsys.readouterr().err
-    stdout = capsys.readouterr().out
-    assert "rayembed rerank: 2 shards (2 processed, 0 already committed), 5 queries, 8 pairs scored" in stdout
+    captured = capsys.readouterr()
+    stdout = captured.out
+    assert "rayembed rerank: 3 shards (3 processed, 0 already committed), 5 queries, 9 pairs scored" in stdout
     assert "4 rows quarantined" in stdout
+    assert (
+        "warning: 1 query ids appear in more than one shard or candidate row and were ranked separately in each"
+        in (captured.err)
+    )
     manifest, rows, errors = _read(str(out))
-    _check(manifest, rows, errors, reranker)
-    assert sorted(p.name for p in (out / "_state").iterdir()) == ["cands.json", "pairs.json"]
-    assert all(f.startswith(("data/cands-", "data/pairs-")) for f in manifest["files"])
+    _check(manifest, rows, errors, reranker, extra_rows=1)
+    assert [r["rank"] for r in rows if r["doc_id"] == 99] == [1]
+    assert sorted(p.name for p in (out / "_state").iterdir()) == ["cands.json", "dup.json", "pairs.json"]
+    assert all(f.startswith(("data/cands-", "data/pairs-", "data/dup-")) for f in manifest["files"])
     meta = pq.read_schema(out / manifest["files"][0]).metadata
     assert meta[b"rayembed.kind"] == b"rerank" and meta[b"rayembed.model"] == qwen_lm_dir.encode()
     schema = pq.read_schema(out / [f for f in manifest["files"] if "pairs" in f][0])
@@ -144,7 +154,7 @@ def test_rerank_job_local(tmp_path, qwen_lm_dir, reranker, ray_local, capsys):
 
     # A rerun skips both committed shards.
     assert cli.main(argv) == 0
-    assert "(0 processed, 2 already committed)" in capsys.readouterr().out
+    assert "(0 processed, 3 already committed)" in capsys.readouterr().out
 
 
 def test_rerank_job_s3(s3_server, qwen_lm_dir, reranker, ray_local, capsys):
@@ -196,3 +206,30 @@ def test_rerank_bad_arguments(case, expect, tmp_path, qwen_lm_dir, qwen_model_di
     err = capsys.readouterr().err
     assert rc == 2 and expect in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_reader_groups_pairs_and_counts_units(tmp_path):
+    """No Ray: a pair shard becomes one row per query (any row order), every input row is accounted for."""
+    from operators.storage import list_shards
+    from pipelines.rerank import Columns, read_rerank_shard
+
+    _write_inputs(str(tmp_path))
+    for shard in list_shards(str(tmp_path)):
+        blocks = list(read_rerank_shard(shard, columns=Columns(), rows_per_block=2))
+        assert len(blocks) >= 2 and [b["_shard_rows"][0].as_py() for b in blocks[:-1]] == [-1] * (len(blocks) - 1)
+        t = pa.concat_tables(blocks, promote_options="default").to_pylist()
+        units = sum(len(r["doc_ids"]) + (r["empty_row"] and not r["doc_ids"]) + len(r["bad"]) for r in t)
+        assert blocks[-1]["_shard_rows"][0].as_py() == units == 7  # 7 pairs; 3 candidate rows + a broken line
+        if shard.stem == "pairs":
+            assert [(r["query_id"], r["doc_ids"], [b["doc_id"] for b in r["bad"]]) for r in t] == [
+                ("qa", [1, 3, 7], ["5"]),
+                ("qb", [2, 6], []),
+                ("qn", [], ["4"]),
+            ]
+        else:
+            assert [(r["query_id"], r["doc_ids"], r["empty_row"]) for r in t] == [
+                ("qc", [10, 12, 13], False),
+                (None, [], False),
+                ("qd", [], True),
+                ("qe", [], True),
+            ]

@@ -1,0 +1,1 @@
+"""Cluster definitions and local multi-node helpers (see cluster/README.md)."""
