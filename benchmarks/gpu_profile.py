@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from bench_gpu import make_model_dir  # noqa: E402
+
 from operators.embedder import Embedder  # noqa: E402
 from tests.qwen_fixtures import QWEN3_ARCHS  # noqa: E402
 

@@ -49,10 +49,10 @@ def default_cache_dir() -> str:
 
 
 def _hint(source: str) -> str:
+    repo = source if _HUB_ID.match(source) else "Qwen/Qwen3-Embedding-0.6B"
     return (
-        f"pass a local model directory (or an s3:// prefix) with --model PATH, "
-        f"e.g. one made by `huggingface-cli download {source if _HUB_ID.match(source) else 'Qwen/Qwen3-Embedding-0.6B'}"
-        " --local-dir ./qwen3-emb`"
+        "pass a local model directory (or an s3:// prefix) with --model PATH, "
+        f"e.g. one made by `huggingface-cli download {repo} --local-dir ./qwen3-emb`"
     )
 
 
@@ -97,7 +97,9 @@ def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> st
         )
     except Exception as e:
         reason = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else storage.describe_error(e)
-        raise ModelLoadError(f"cannot fetch model {repo_id!r} from the Hugging Face hub ({reason}); {_hint(repo_id)}") from None
+        raise ModelLoadError(
+            f"cannot fetch model {repo_id!r} from the Hugging Face hub ({reason}); {_hint(repo_id)}"
+        ) from None
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -146,8 +148,8 @@ def inspect_model_dir(path: str, source: str | None = None, require_weights: boo
     others = [k for k, v in pool_cfg.items() if k.startswith("pooling_mode") and v and k not in ST_POOLING_MODES]
     if len(modes) != 1 or others:
         raise ModelLoadError(
-            f"model {source!r}: unsupported sentence-transformers pooling {sorted(k for k, v in pool_cfg.items() if v)}"
-            "; rayembed supports exactly one of mean, cls or lasttoken"
+            f"model {source!r}: unsupported sentence-transformers pooling "
+            f"{sorted(k for k, v in pool_cfg.items() if v)}; rayembed supports exactly one of mean, cls or lasttoken"
         )
     st_cfg = _read_json(os.path.join(path, "sentence_bert_config.json")) or {}
     max_seq = st_cfg.get("max_seq_length")

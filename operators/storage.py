@@ -410,6 +410,26 @@ def remove(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -
             fs.rm_file(path)
 
 
+def abort_uploads(prefix: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Abort the unfinished multipart uploads under ``prefix`` (object stores only): what a writer killed mid-part
+    leaves behind, invisible but billed. Call it only while holding the output's lease. Returns how many."""
+    if is_local(prefix) or _protocol(prefix) not in ("s3", "s3a"):
+        return 0
+    fs, path = get_fs(prefix, storage_options)
+    bucket, _, key = path.partition("/")
+    key = key.rstrip("/") + "/"
+    n, markers = 0, {}
+    while True:
+        resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
+        for up in resp.get("Uploads", []) or []:
+            with contextlib.suppress(Exception):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                n += 1
+        if not resp.get("IsTruncated"):
+            return n
+        markers = {"KeyMarker": resp["NextKeyMarker"], "UploadIdMarker": resp["NextUploadIdMarker"]}
+
+
 def is_within(child: str, parent: str) -> bool:
     """True when ``child`` is ``parent`` or lies under it (an output inside an input directory, say)."""
 

@@ -21,6 +21,7 @@ from operators.errors import ConfigError, InvalidInputError
 
 # Corpus rows scored per matmul: bounds the [queries, rows] score matrix a worker holds at once.
 DEFAULT_CHUNK_ROWS = 8192
+MAX_SCORES = 2**25  # float32 scores per chunk: 128 MiB
 
 
 @dataclass
@@ -55,39 +56,58 @@ def _as_ids(ids: Sequence | np.ndarray) -> np.ndarray:
 
 
 def _rank_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Column order per row: score descending, then id ascending. ``scores`` and ``ids`` are [Q, m]."""
-    if scores.shape[1] == 0:
-        return np.zeros(scores.shape, dtype=np.int64)
-    # Dense id ranks, comparable across rows, so lexsort needs no object comparisons.
-    _, inverse = np.unique(ids.reshape(-1), return_inverse=True)
-    id_rank = inverse.reshape(ids.shape)
-    return np.lexsort((id_rank, -scores), axis=-1)
+    """Column order per row: score descending, then id ascending. ``scores`` and ``ids`` are [Q, m].
+
+    One vectorised argsort by score; only runs of exactly equal scores (rare with real embeddings) are then
+    re-sorted by id, so string ids cost nothing in the common case.
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")
+    if scores.shape[1] < 2:
+        return order
+    ranked = np.take_along_axis(scores, order, axis=1)
+    tied = ranked[:, 1:] == ranked[:, :-1]
+    for row in np.flatnonzero(tied.any(axis=1)):
+        cols = order[row]
+        t = tied[row]
+        j, m = 0, len(cols)
+        while j < m - 1:
+            if not t[j]:
+                j += 1
+                continue
+            end = j + 1
+            while end < m - 1 and t[end]:
+                end += 1
+            run = cols[j : end + 1]  # columns j..end share one score
+            cols[j : end + 1] = run[np.argsort(ids[row, run], kind="stable")]
+            j = end + 1
+    return order
 
 
 def _select(scores: np.ndarray, ids: np.ndarray, k: int) -> TopK:
     """The best ``k`` columns per row of [Q, m] candidates, in rank order."""
     m = scores.shape[1]
     if m > k > 0:
-        # Shrink first: keep every column whose score reaches the row's k-th largest (ties at the cut included),
-        # so the exact lexsort below runs on ~k columns instead of m.
-        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
-        keep = scores >= kth
-        width = int(keep.sum(axis=1).max())
-        cols = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+        # Shrink to k columns per row with one argpartition. Only a row whose k-th score is tied with a score
+        # outside the cut needs the ids to decide which tied columns stay: those rows are redone exactly.
+        cols = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(scores, cols, axis=1).min(axis=1, keepdims=True)
+        for row in np.flatnonzero((scores >= kth).sum(axis=1) > k):
+            cand = np.flatnonzero(scores[row] >= kth[row, 0])
+            order = _rank_order(scores[row, cand][None, :], ids[row, cand][None, :])[0]
+            cols[row] = cand[order[:k]]
         scores = np.take_along_axis(scores, cols, axis=1)
         ids = np.take_along_axis(ids, cols, axis=1)
-        # Rows with fewer kept columns than ``width`` carry a few extra columns; their scores are below the cut
-        # and sort after the kept ones.
     order = _rank_order(scores, ids)[:, :k]
     return TopK(np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1))
 
 
 def topk_block(
-    queries: np.ndarray, vectors: np.ndarray, ids: Sequence | np.ndarray, k: int, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    queries: np.ndarray, vectors: np.ndarray, ids: Sequence | np.ndarray, k: int, chunk_rows: int | None = None
 ) -> TopK:
     """Exact top-``k`` of one block of corpus ``vectors`` [N, d] (with ``ids`` [N]) for every query [Q, d].
 
-    Returns ``min(k, N)`` entries per query. Large blocks are scored ``chunk_rows`` rows at a time and merged.
+    Returns ``min(k, N)`` entries per query. Large blocks are scored ``chunk_rows`` rows at a time and merged; by
+    default as many rows as keep the [Q, rows] float32 score matrix near 128 MiB.
     """
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
@@ -100,6 +120,8 @@ def topk_block(
         raise InvalidInputError(f"{len(v)} vectors but {len(ids)} ids")
     if len(v) and q.shape[1] != v.shape[1]:
         raise InvalidInputError(f"query dim {q.shape[1]} != corpus vector dim {v.shape[1]}")
+    if chunk_rows is None:
+        chunk_rows = max(256, min(DEFAULT_CHUNK_ROWS, MAX_SCORES // max(1, len(q))))
     result = TopK.empty(len(q), ids.dtype)
     for start in range(0, len(v), max(1, chunk_rows)):
         chunk = v[start : start + chunk_rows].astype(np.float32, copy=False)

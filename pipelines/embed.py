@@ -6,6 +6,7 @@ plan -> read (CPU tasks) -> tokenize (CPU tasks) -> embed (actor pool) -> write 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -170,6 +171,10 @@ def plan_job(
     )
     if lease is not None:
         lease.acquire()
+        # Ours alone now: abort multipart uploads that killed writers of earlier attempts left unfinished.
+        aborted = storage.abort_uploads(cfg.output, so)
+        if aborted:
+            log.info("aborted %d unfinished uploads left by earlier attempts", aborted)
     markers = commit.load_markers(cfg.output, so)
     pending, _done = commit.plan(shards, markers, key)
     return shards, pending, markers, key, model
@@ -309,6 +314,8 @@ def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
                 raise
             raise cause from None  # the worker traceback is in the Ray logs above
     except BaseException as e:
+        with contextlib.suppress(Exception):
+            storage.abort_uploads(cfg.output, storage_options(cfg))
         lease.release(f"failed: {e if isinstance(e, RayembedError) else storage.describe_error(e)}")
         raise
     lease.release("succeeded")

@@ -10,10 +10,13 @@ Two input layouts, chosen per row (Parquet: per shard, from its schema):
 - candidate lists: one row per query, (query_id, query, candidates: list of {doc_id, doc}).
 
 Ranking needs all of a query's pairs together, so the reader turns each query into *one row* that carries its
-candidate list; Ray Data never splits a row across blocks, so the writer always sees a query whole. Candidate-list
-shards stream row by row. A pair shard is grouped by its reader task in memory (any row order within the shard
-works), so keep pair shards to a size one CPU worker holds comfortably, or use candidate lists. A query id that
-appears in two shards (or in two candidate rows) is ranked separately in each; the job counts such ids and warns.
+candidate list; Ray Data never splits a row across blocks, so the writer always sees a query whole. Each reader
+block (about ``rows_per_block`` pairs) then travels packed into one row, so the model stage's ``batch_size=1`` (Ray
+Data requires an explicit batch size for GPU stages) is exactly one block, whatever the candidates per query.
+Candidate-list shards stream row by row. A pair shard is grouped by its reader task in memory (any row order
+within the shard works), so keep pair shards to a size one CPU worker holds comfortably, or use candidate lists. A
+query id that appears in two shards (or in two candidate rows) is ranked separately in each; the job counts such ids
+and warns.
 """
 
 from __future__ import annotations
@@ -205,16 +208,17 @@ def _loose_array(values: list[Any], type_: pa.DataType | None = None) -> pa.Arra
         return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values])
 
 
-def _loose_lists(lists: list[list[Any]]) -> pa.Array:
+def _loose_lists(lists: list[list[Any]], value_type: pa.DataType | None = None) -> pa.Array:
     try:
-        return pa.array(lists)
+        return pa.array(lists, None if value_type is None else pa.list_(value_type))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array(
             [[v if isinstance(v, str) else json.dumps(v) for v in x] for x in lists], pa.list_(pa.string())
         )
 
 
-def groups_table(groups: list[QueryGroup], stem: str, shard_rows: int) -> pa.Table:
+def groups_table(groups: list[QueryGroup], stem: str, shard_rows: int, id_type: pa.DataType | None = None) -> pa.Table:
+    """Query rows as Arrow; ``id_type`` (the shard's doc id type, once known) keeps it equal in every block."""
     n = len(groups)
     return pa.table(
         {
@@ -223,7 +227,7 @@ def groups_table(groups: list[QueryGroup], stem: str, shard_rows: int) -> pa.Tab
             "_shard_rows": pa.array([shard_rows] * n, pa.int64()),
             "query_id": _loose_array([g.query_id for g in groups]),
             "query": pa.array([g.query for g in groups], pa.string()),
-            "doc_ids": _loose_lists([g.doc_ids for g in groups]),
+            "doc_ids": _loose_lists([g.doc_ids for g in groups], id_type),
             "docs": pa.array([g.docs for g in groups], pa.list_(pa.string())),
             "bad": pa.array([g.bad for g in groups], pa.list_(BAD_TYPE)),
             "empty_row": pa.array([g.empty_row for g in groups], pa.bool_()),
@@ -252,10 +256,20 @@ def _jsonl_objects(f) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]
         yield offset, obj, None
 
 
-def _parquet_objects(f, c: Columns, batch_rows: int) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _parquet_objects(
+    f, c: Columns, batch_rows: int, meta: dict[str, Any]
+) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     pf = pq.ParquetFile(f)
-    names = pf.schema_arrow.names
+    schema = pf.schema_arrow
+    names = schema.names
     pairs = c.candidates not in names
+    try:  # the doc id type, from the schema: every block of the shard uses it, even one with no doc ids
+        if pairs:
+            meta["id_type"] = schema.field(c.doc_id).type
+        else:
+            meta["id_type"] = schema.field(c.candidates).type.value_type.field(c.doc_id).type
+    except (KeyError, AttributeError):
+        pass
     columns = [c.query_id, c.query, c.doc_id, c.doc] if pairs else [c.query_id, c.query, c.candidates]
     missing = [x for x in columns if x not in names]
     if missing:
@@ -277,20 +291,27 @@ def read_rerank_shard(
     units = 0  # units of the groups already yielded or buffered
     buffered = 0  # pairs (and quarantined rows) in ``buf``
     pending: pa.Table | None = None
+    meta: dict[str, Any] = {}  # "id_type": the shard's doc id type (Parquet: its schema; JSONL: the first ids seen)
 
     def flush() -> Iterator[pa.Table]:
         nonlocal buf, pending, buffered
         if buf:
             if pending is not None:
                 yield pending
-            pending, buf, buffered = groups_table(buf, shard.stem, -1), [], 0
+            pending = groups_table(buf, shard.stem, -1, meta.get("id_type"))
+            value_type = pending.schema.field("doc_ids").type.value_type
+            if "id_type" not in meta and not pa.types.is_null(value_type):
+                meta["id_type"] = value_type
+            buf, buffered = [], 0
 
     def push(g: QueryGroup) -> Iterator[pa.Table]:
         nonlocal units, buffered
         buf.append(g)
         units += g.units
         buffered += max(1, g.units)
-        if buffered >= rows_per_block:
+        # A block without any doc id, while the shard's id type is unknown, waits for the next ones: its output
+        # part would otherwise get a doc_id column of another type than the rest of the shard.
+        if buffered >= rows_per_block and ("id_type" in meta or any(x.doc_ids for x in buf)):
             yield from flush()
 
     def stamp(t: pa.Table, total: int) -> pa.Table:
@@ -301,7 +322,8 @@ def read_rerank_shard(
     offset = 0
     try:
         with storage.open_input(shard, storage_options) as f:
-            rows = _parquet_objects(f, columns, rows_per_block) if shard.fmt == "parquet" else _jsonl_objects(f)
+            parquet = shard.fmt == "parquet"
+            rows = _parquet_objects(f, columns, rows_per_block, meta) if parquet else _jsonl_objects(f)
             for offset, obj, err in rows:
                 if err is not None:
                     g = QueryGroup(offset, None)
@@ -327,15 +349,32 @@ def read_rerank_shard(
         units += 1
         if pending is not None:
             yield pending
-        yield groups_table([g], shard.stem, units)
+        yield groups_table([g], shard.stem, units, meta.get("id_type"))
         return
     if pending is not None:
         yield stamp(pending, units)
     # An empty shard yields nothing; the driver commits it with zero rows once the whole run has succeeded.
 
 
+PACKED = "_block"  # the one column of a packed block: an Arrow IPC stream of query rows
+
+
+def pack(table: pa.Table) -> pa.Table:
+    """One block of query rows as one opaque row. Ray Data needs an explicit ``batch_size`` for GPU stages; with
+    packed blocks ``batch_size=1`` is exactly one reader block (about ``rows_per_block`` pairs), and blocks of
+    different id types never have to be concatenated by Ray."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.table({PACKED: pa.array([sink.getvalue().to_pybytes()], pa.large_binary())})
+
+
+def unpack(batch: pa.Table) -> list[pa.Table]:
+    return [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in batch[PACKED].to_pylist()]
+
+
 def read_rerank_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
-    """``map_batches`` entry: one row per shard in, blocks of query rows out."""
+    """``map_batches`` entry: one row per shard in, packed blocks of query rows out."""
     for i in range(len(batch["url"])):
         shard = Shard(
             url=str(batch["url"][i]),
@@ -345,7 +384,8 @@ def read_rerank_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[
             size=int(batch["size"][i]),
             version=str(batch["version"][i]),
         )
-        yield from read_rerank_shard(shard, **kwargs)
+        for table in read_rerank_shard(shard, **kwargs):
+            yield pack(table)
 
 
 # ----------------------------------------------------------------------------------------------------------- score
@@ -364,7 +404,11 @@ class RerankStage(Reranker):
             self.model_bytes / 2**20,
         )
 
-    def __call__(self, table: pa.Table) -> pa.Table:  # type: ignore[override]
+    def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
+        return pa.concat_tables([pack(self.score_block(t)) for t in unpack(batch)])
+
+    def score_block(self, table: pa.Table) -> pa.Table:
+        """Scores of one block of query rows: a ``scores`` list per row, aligned with its ``doc_ids``."""
         queries = table["query"].to_pylist()
         docs = table["docs"].to_pylist()
         counts = [len(d) for d in docs]
@@ -406,8 +450,16 @@ def error_table(records: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_ranked(
-    table: pa.Table, *, output: str, metadata: dict[str, str], storage_options: dict[str, Any] | None = None
+    batch: pa.Table, *, output: str, metadata: dict[str, str], storage_options: dict[str, Any] | None = None
 ) -> pa.Table:
+    """``map_batches`` entry: write every packed block of the batch; one small record per part for the driver."""
+    records = [rec for t in unpack(batch) for rec in write_block(t, output, metadata, storage_options)]
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def write_block(
+    table: pa.Table, output: str, metadata: dict[str, str], storage_options: dict[str, Any] | None
+) -> list[dict[str, Any]]:
     """Rank each query's candidates and write one part per shard of this block (plus its quarantine part)."""
     records = []
     kv = {k.encode(): v.encode() for k, v in metadata.items()}
@@ -469,7 +521,7 @@ def write_ranked(
             write_parquet(error_table(errors), storage.join(output, rel), storage_options)
             rec["errors_file"] = rel
         records.append(rec)
-    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------- driver
@@ -616,7 +668,7 @@ def build_rerank_dataset(cfg: RerankJobConfig, pending: list[Shard], model: dict
     )
     ds = ds.map_batches(
         RerankStage,
-        batch_size=None,
+        batch_size=1,  # one packed reader block per call (Ray Data requires an explicit batch size with GPUs)
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "model": cfg.model,

@@ -44,7 +44,7 @@ from operators.loading import inspect_model_dir, resolve_model_dir
 from operators.metrics import DEFAULT_METRICS, evaluate, metric_name, parse_qrels, qrels_coverage
 from operators.storage import Shard
 from operators.tokenization import text_error
-from operators.topk import TopK, merge_topk, topk_block
+from operators.topk import DEFAULT_CHUNK_ROWS, TopK, merge_topk, topk_block
 from pipelines import commit
 from pipelines.config import SearchJobConfig
 from pipelines.embed import _init_ray, _num_gpus
@@ -161,10 +161,21 @@ def scan_vectors(
     storage_options: dict[str, Any] | None,
 ) -> tuple[TopK | None, set[str], int]:
     """A retrieval task: exact top-k of ``queries`` over a group of vector files, which of the ``wanted`` ids
-    (qrels doc ids) these files hold, and their row count."""
+    (qrels doc ids) these files hold, and their row count. Files are scored in chunks of several files."""
     result: TopK | None = None
     present: set[str] = set()
     rows = 0
+    buf_vectors: list[np.ndarray] = []
+    buf_ids: list[np.ndarray] = []
+    chunk = DEFAULT_CHUNK_ROWS
+
+    def score() -> None:
+        nonlocal result, buf_vectors, buf_ids
+        if buf_vectors:
+            part = topk_block(queries, np.concatenate(buf_vectors), np.concatenate(buf_ids), k)
+            result = part if result is None else merge_topk([result, part], k)
+            buf_vectors, buf_ids = [], []
+
     for url in files:
         table = pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options)), columns=["id", "embedding"])
         ids = table["id"].to_numpy(zero_copy_only=False)
@@ -175,11 +186,13 @@ def scan_vectors(
             continue
         emb = table["embedding"].combine_chunks()
         dim = emb.type.list_size
-        vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
         if dim != queries.shape[1]:
             raise ConfigError(f"vector file {url} has dim {dim}, the query vectors {queries.shape[1]}")
-        part = topk_block(queries, vectors, ids, k)
-        result = part if result is None else merge_topk([result, part], k)
+        buf_vectors.append(emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False))
+        buf_ids.append(ids)
+        if sum(len(x) for x in buf_ids) >= chunk:
+            score()
+    score()
     return result, present, rows
 
 

@@ -179,11 +179,12 @@ def test_s3_crash_mid_write_then_rerun_and_finished_rerun_puts_nothing(
     monkeypatch.delenv("RAYEMBED_TEST_FAIL_WRITE")
     assert "out/_state/s2.json" not in _s3_keys(s3_server, bucket, "out/_state/")
     assert not [k for k in _s3_keys(s3_server, bucket, "out/data/") if "/s2-" in k]
-    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
     assert "out/_manifest.json" not in _s3_keys(s3_server, bucket, "out/")
 
+    # The rerun (holding the lease) also aborts uploads that writers killed with the failed job left unfinished.
     stdout, _ = _embed(capsys, *argv)
     assert "already committed)" in stdout
+    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
     _assert_same(_vectors(f"s3://{bucket}/out", s3_server.storage_options), clean)
 
     # A rerun of the finished job: nothing processed, and not one PUT (or multipart POST) under data/ at the server.

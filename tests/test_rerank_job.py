@@ -65,9 +65,8 @@ def reranker(qwen_lm_dir):
 def _read(out: str, so=None):
     fs, root = get_fs(out, so)
     manifest = json.loads(fs.cat_file(f"{root}/_manifest.json"))
-    data = pa.concat_tables(
-        [pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{f}"))) for f in manifest["files"]], promote_options="default"
-    )
+    # One schema for every part (no promotion): a part of queries without candidates keeps the doc id type.
+    data = pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{f}"))) for f in manifest["files"]])
     errors = pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{f}"))) for f in manifest["error_files"]])
     return manifest, data.to_pylist(), errors.to_pylist()
 
@@ -217,6 +216,8 @@ def test_reader_groups_pairs_and_counts_units(tmp_path):
     for shard in list_shards(str(tmp_path)):
         blocks = list(read_rerank_shard(shard, columns=Columns(), rows_per_block=2))
         assert len(blocks) >= 2 and [b["_shard_rows"][0].as_py() for b in blocks[:-1]] == [-1] * (len(blocks) - 1)
+        # Every block has the shard's doc id type, even a block whose queries have no candidates.
+        assert {b.schema.field("doc_ids").type for b in blocks} == {pa.list_(pa.int64())}
         t = pa.concat_tables(blocks, promote_options="default").to_pylist()
         units = sum(len(r["doc_ids"]) + (r["empty_row"] and not r["doc_ids"]) + len(r["bad"]) for r in t)
         assert blocks[-1]["_shard_rows"][0].as_py() == units == 7  # 7 pairs; 3 candidate rows + a broken line
@@ -233,3 +234,15 @@ def test_reader_groups_pairs_and_counts_units(tmp_path):
                 ("qd", [], True),
                 ("qe", [], True),
             ]
+
+
+def test_gpu_stage_builds_with_an_explicit_batch_size(tmp_path, qwen_lm_dir, ray_local):
+    """Ray Data refuses ``batch_size=None`` for a stage that requests GPUs; the graph must build (not run) with one."""
+    from operators.storage import list_shards
+    from pipelines.config import build_rerank_config
+    from pipelines.rerank import build_rerank_dataset, check_rerank_model
+
+    _write_inputs(str(tmp_path))
+    cfg = build_rerank_config({"input": str(tmp_path), "output": str(tmp_path / "out"), "num_gpus": 1})
+    model = check_rerank_model(qwen_lm_dir, None, None)
+    build_rerank_dataset(cfg, list_shards(str(tmp_path)), model)
