@@ -14,8 +14,14 @@ from operators.errors import ConfigError
 # Padded tokens per forward pass. CPU: large batches buy nothing and cost memory. CUDA: enough work to fill an H100
 # with the 0.6B model while staying far below its memory; the budget halves on OOM.
 DEFAULT_BATCH_TOKENS = {"cpu": 8192, "cuda": 65536}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 # Test hook: raise an OOM for any forward above this many padded tokens, so backoff is testable on CPU.
 OOM_HOOK_ENV = "RAYEMBED_TEST_OOM_ABOVE_TOKENS"
 

@@ -92,9 +92,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> st
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline
-        )
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
     except Exception as e:
         reason = "HF_HUB_OFFLINE is set and it is not in the local hub cache" if offline else storage.describe_error(e)
         raise ModelLoadError(

@@ -134,9 +134,13 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
         help="seconds one S3 request may spend retrying throttling (503 SlowDown, 5xx) and reset connections, with "
         "exponential backoff and jitter, before the job fails naming the cause (default: 120)",
     )
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model in each actor: a warm-up of about a minute, then about 2x tokens/s "
-                   "on GPU for the 0.6B (measured on an H200); off by default")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the model in each actor: a warm-up of about a minute, then about 2x tokens/s "
+        "on GPU for the 0.6B (measured on an H200); off by default",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
