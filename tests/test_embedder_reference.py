@@ -328,3 +328,33 @@ def test_truncation_matches_eos_postprocessor_tokenizer(qwen_model_dir, qwen_tok
     batch_dict = reference.tokenizer.pad({"input_ids": theirs}, padding=True, return_tensors="pt")
     expected = F.normalize(reference.pooled_batch(batch_dict), p=2, dim=1).numpy()
     assert np.abs(got - expected).max() <= ATOL
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """Hidden 192, so that MRL 128 is a strict sub-dimension (the shared fixture's hidden size is 128)."""
+    from tests.qwen_fixtures import make_qwen3_dir
+
+    return make_qwen3_dir(
+        str(tmp_path_factory.mktemp("qwen3-wide")),
+        tokenizer=qwen_tokenizer,
+        hidden_size=192,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        intermediate_size=384,
+        seed=7,
+    )
+
+
+@pytest.mark.parametrize("dim", [32, 128, 192, None])
+def test_mrl_on_wider_model(wide_model_dir, texts, subset, dim):
+    """32 and 128 of 192, and the full size (explicit and default): slice first, then normalise."""
+    reference = OfficialQwen3Embedding(wide_model_dir)
+    sample = [texts[i] for i in subset]
+    pooled = reference.pooled(sample)
+    expected = F.normalize(pooled[:, : dim or 192], p=2, dim=1).numpy()
+    got = Embedder(wide_model_dir, dim=dim, device="cpu", dtype="float32").embed(sample)
+    assert got.shape == (len(sample), dim or 192)
+    assert np.abs(got - expected).max() <= ATOL
