@@ -67,6 +67,19 @@ def test_local_end_to_end(tmp_path, qwen_model_dir, reference, ray_local, capsys
     assert f"5 shards (5 processed, 0 already committed), {len(docs)} docs" in stdout
     assert manifest["totals"]["tokens"] == sum(len(x) for x in reference.encoder.encode([d["text"] for d in docs]).ids)
 
+    # The README's DuckDB query works on the files as written: no conversion step.
+    import duckdb
+
+    glob = f"{out}/data/*.parquet"
+    first = table["id"][0].as_py()
+    query = f"(SELECT embedding FROM read_parquet('{glob}') WHERE id = {first})"
+    best = duckdb.execute(
+        f"SELECT id, list_cosine_similarity(embedding, {query}) AS sim FROM read_parquet('{glob}') "
+        "ORDER BY sim DESC LIMIT 1"
+    ).fetchall()
+    assert best[0][0] == first and abs(best[0][1] - 1.0) < 1e-5
+    assert duckdb.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == len(docs)
+
     # A rerun of a finished job processes nothing and rewrites no data file.
     mtimes = {f: os.stat(out / f).st_mtime_ns for f in manifest["files"]}
     stdout = _run(
