@@ -283,38 +283,32 @@ def _values(args: argparse.Namespace, skip: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
+def _run_job(args: argparse.Namespace, build, run) -> int:
+    cfg = build(_values(args, skip=("command", "config", "quiet")))
+    if args.quiet:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    summary = run(cfg)
+    for line in summary.lines() if hasattr(summary, "lines") else [summary.line()]:
+        print(line, flush=True)
+    return 0
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     from pipelines.embed import run_embed
 
-    cfg = build_embed_config(_values(args, skip=("command", "config", "quiet")))
-    if args.quiet:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    summary = run_embed(cfg)
-    print(summary.line(), flush=True)
-    return 0
+    return _run_job(args, build_embed_config, run_embed)
 
 
 def _run_rerank(args: argparse.Namespace) -> int:
     from pipelines.rerank import run_rerank
 
-    cfg = build_rerank_config(_values(args, skip=("command", "config", "quiet")))
-    if args.quiet:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    summary = run_rerank(cfg)
-    print(summary.line(), flush=True)
-    return 0
+    return _run_job(args, build_rerank_config, run_rerank)
 
 
 def _run_search(args: argparse.Namespace) -> int:
     from pipelines.search import run_search
 
-    cfg = build_search_config(_values(args, skip=("command", "config", "quiet")))
-    if args.quiet:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    summary = run_search(cfg)
-    for line in summary.lines():
-        print(line, flush=True)
-    return 0
+    return _run_job(args, build_search_config, run_search)
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -24,7 +24,7 @@ from operators.storage import Shard
 from pipelines import commit
 from pipelines.config import EmbedJobConfig
 from pipelines.lease import Lease
-from pipelines.stages import EmbedStage, read_shards, tokenize_block, write_parts
+from pipelines.stages import EmbedStage, read_shards, shard_items, tokenize_block, write_parts
 
 log = logging.getLogger("rayembed")
 
@@ -184,17 +184,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
     import ray
     import ray.data
 
-    items = [
-        {
-            "url": s.url,
-            "stem": s.stem,
-            "fmt": s.fmt,
-            "compression": s.compression or "",
-            "size": s.size,
-            "version": s.version,
-        }
-        for s in pending
-    ]
+    items = shard_items(pending)
     so = storage_options(cfg)
     # Fault-injection hooks (RAYEMBED_TEST_*) set in the driver's environment reach the stages' workers too.
     hooks = {k: v for k, v in os.environ.items() if k.startswith("RAYEMBED_TEST_")}

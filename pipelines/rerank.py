@@ -44,7 +44,7 @@ from operators.storage import Shard
 from pipelines import commit
 from pipelines.config import RerankJobConfig
 from pipelines.embed import _init_ray, _num_gpus
-from pipelines.stages import part_name
+from pipelines.stages import part_name, shard_from_item, shard_items
 
 log = logging.getLogger("rayembed")
 
@@ -376,14 +376,7 @@ def unpack(batch: pa.Table) -> list[pa.Table]:
 def read_rerank_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
     """``map_batches`` entry: one row per shard in, packed blocks of query rows out."""
     for i in range(len(batch["url"])):
-        shard = Shard(
-            url=str(batch["url"][i]),
-            stem=str(batch["stem"][i]),
-            fmt=str(batch["fmt"][i]),
-            compression=batch["compression"][i] or None,
-            size=int(batch["size"][i]),
-            version=str(batch["version"][i]),
-        )
+        shard = shard_from_item(batch, i)
         for table in read_rerank_shard(shard, **kwargs):
             yield pack(table)
 
@@ -646,17 +639,7 @@ def build_rerank_dataset(cfg: RerankJobConfig, pending: list[Shard], model: dict
     import ray
     import ray.data
 
-    items = [
-        {
-            "url": s.url,
-            "stem": s.stem,
-            "fmt": s.fmt,
-            "compression": s.compression or "",
-            "size": s.size,
-            "version": s.version,
-        }
-        for s in pending
-    ]
+    items = shard_items(pending)
     so = cfg.storage_options
     cols = Columns(cfg.query_id_column, cfg.query_column, cfg.doc_id_column, cfg.doc_column, cfg.candidates_column)
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -202,6 +202,33 @@ def _add_retries(table: pa.Table) -> pa.Table:
     return table
 
 
+def shard_items(shards: list[Shard]) -> list[dict[str, Any]]:
+    """The rows of the dataset that drives the read stage: one per shard, as ``read_shards`` expects them."""
+    return [
+        {
+            "url": s.url,
+            "stem": s.stem,
+            "fmt": s.fmt,
+            "compression": s.compression or "",
+            "size": s.size,
+            "version": s.version,
+        }
+        for s in shards
+    ]
+
+
+def shard_from_item(batch: dict[str, np.ndarray], i: int) -> Shard:
+    """Row ``i`` of a ``shard_items`` batch back as a Shard."""
+    return Shard(
+        url=str(batch["url"][i]),
+        stem=str(batch["stem"][i]),
+        fmt=str(batch["fmt"][i]),
+        compression=batch["compression"][i] or None,
+        size=int(batch["size"][i]),
+        version=str(batch["version"][i]),
+    )
+
+
 def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
     """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
     for block in _read_shards(batch, **kwargs):
@@ -210,14 +237,7 @@ def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Tabl
 
 def _read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
     for i in range(len(batch["url"])):
-        shard = Shard(
-            url=str(batch["url"][i]),
-            stem=str(batch["stem"][i]),
-            fmt=str(batch["fmt"][i]),
-            compression=batch["compression"][i] or None,
-            size=int(batch["size"][i]),
-            version=str(batch["version"][i]),
-        )
+        shard = shard_from_item(batch, i)
         yield from read_shard(shard, **kwargs)
 
 
