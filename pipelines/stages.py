@@ -36,18 +36,6 @@ ERROR_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-RECORD_FIELDS = (
-    "shard",
-    "part",
-    "file",
-    "rows",
-    "errors",
-    "errors_file",
-    "tokens",
-    "truncated",
-    "shard_rows",
-    "retries",
-)
 # Test hooks (fault injection). The driver forwards every RAYEMBED_TEST_* variable to the Ray stages.
 # An embed actor exits hard after K batches: "K" fires in every actor instance, "K:/path/flag" only in the first
 # one that creates the flag file (once per job, so the restarted actor finishes the job).
