@@ -292,28 +292,32 @@ def run_case(name: str, rows: list[np.ndarray], emb, ref, info: dict, peak: floa
     """Time ours and the reference on the same rows; check that their vectors agree."""
     warm = rows[: max(REF_BATCH, min(len(rows), 2 * emb.batcher.budget // max(len(r) for r in rows[:64])))]
     emb.embed_ids(warm)
-    ref.embed_ids(warm[:REF_BATCH])
+    if ref is not None:
+        ref.embed_ids(warm[:REF_BATCH])
     sync()
     stats0 = (emb.stats.tokens, emb.stats.padded_tokens)
     n_ours, v_ours, s_ours = timed_run(emb.embed_ids, rows, args.rows_per_call, args.cap_s)
     eff_ours = (emb.stats.tokens - stats0[0]) / max(1, emb.stats.padded_tokens - stats0[1])
-    ref.padded_tokens = 0
-    # The reference works in arrival-order batches of 32 whatever it is handed; smaller calls only make the time
-    # cap finer.
-    n_ref, v_ref, s_ref = timed_run(ref.embed_ids, rows, 8 * REF_BATCH, args.cap_s)
-    eff_ref = sum(len(r) for r in rows[:n_ref]) / max(1, ref.padded_tokens)
     lens_ours = np.array([len(r) for r in rows[:n_ours]])
-    lens_ref = np.array([len(r) for r in rows[:n_ref]])
+    if ref is None:  # --no-ref: ours only
+        v_ref, s_ref, n_ref, eff_ref = v_ours[:0], float("nan"), 0, float("nan")
+    else:
+        ref.padded_tokens = 0
+        # The reference works in arrival-order batches of 32 whatever it is handed; smaller calls only make the time
+        # cap finer.
+        n_ref, v_ref, s_ref = timed_run(ref.embed_ids, rows, 8 * REF_BATCH, args.cap_s)
+        eff_ref = sum(len(r) for r in rows[:n_ref]) / max(1, ref.padded_tokens)
+    lens_ref = np.array([len(r) for r in rows[:n_ref]], dtype=np.int64)
     k = min(n_ours, n_ref)
-    diff = float(np.abs(v_ours[:k] - v_ref[:k]).max())
-    cos = float((v_ours[:k] * v_ref[:k]).sum(1).min())
+    diff = float(np.abs(v_ours[:k] - v_ref[:k]).max()) if k else float("nan")
+    cos = float((v_ours[:k] * v_ref[:k]).sum(1).min()) if k else float("nan")
     r = {
         "case": name,
         "rows": [n_ours, n_ref],
         "ours_tok_s": float(lens_ours.sum() / s_ours),
-        "ref_tok_s": float(lens_ref.sum() / s_ref),
+        "ref_tok_s": float(lens_ref.sum() / s_ref) if n_ref else float("nan"),
         "ours_flops_s": useful_flops(lens_ours, info) / s_ours,
-        "ref_flops_s": useful_flops(lens_ref, info) / s_ref,
+        "ref_flops_s": useful_flops(lens_ref, info) / s_ref if n_ref else float("nan"),
         "ours_pad_eff": eff_ours,
         "ref_pad_eff": eff_ref,
         "max_abs_diff": diff,
@@ -328,6 +332,30 @@ def run_case(name: str, rows: list[np.ndarray], emb, ref, info: dict, peak: floa
         f"min cos {cos:.4f}"
     )
     return r
+
+
+def check_packing(emb, emb_dir: str, dtype, device: str, rows: list[np.ndarray], args) -> dict:
+    """Packed vectors against the padded path's on the same rows: the bf16 contract is cosine >= 0.999."""
+    from operators.embedder import Embedder
+
+    padded = Embedder(
+        emb_dir,
+        device=device,
+        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+        batch_tokens=args.batch_tokens,
+        packing="off",
+    )
+    sample = rows[: min(len(rows), 4000)]
+    a, b = emb.embed_ids(sample), padded.embed_ids(sample)
+    cos = (a * b).sum(1)
+    out = {"rows": len(sample), "kernel": emb.kernel, "min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
+    verdict = "ok" if out["min_cos"] >= 0.999 else "BELOW 0.999"
+    log(
+        f"[packing check] {emb.kernel} vs padded SDPA on {len(sample)} rows: min cos {out['min_cos']:.5f}, "
+        f"mean {out['mean_cos']:.6f} ({verdict})"
+    )
+    del padded
+    return out
 
 
 def run_rerank(rr_dir, arch, dtype, device, rng, peak, args, reranker_cls, import_error) -> dict:
@@ -382,7 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=2**21, help="tokens per length and method (default 2,097,152)")
     p.add_argument("--rows-per-call", type=int, default=ROWS_PER_CALL, help="rows per Embedder call (default 1024)")
     p.add_argument("--batch-tokens", type=int, default=None, help="Embedder batch_tokens (default: its own)")
-    p.add_argument("--compile", action="store_true", help="Embedder(compile=True): torch.compile the model")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)"
+    )
+    p.add_argument("--packing", default="auto", choices=["auto", "on", "off"], help="Embedder packing (default auto)")
+    p.add_argument("--no-ref", action="store_true", help="time ours only (no reference, no ratio)")
     p.add_argument("--rerank-len", type=int, default=512, help="reranker pair length in tokens (default 512)")
     p.add_argument("--no-rerank", action="store_true")
     p.add_argument("--cap-s", type=float, default=15.0, help="stop a measurement after this many seconds")
@@ -439,14 +471,16 @@ def main(argv: list[str] | None = None) -> dict:
         dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
         batch_tokens=args.batch_tokens,
         compile=args.compile,
+        packing=args.packing,
     )
-    ref = Reference(emb_dir, dtype, device)
+    ref = None if args.no_ref else Reference(emb_dir, dtype, device)
     log(
         f"model: Qwen3 {'smoke' if args.cpu_smoke else args.arch} (hidden {info['hidden']}, {info['layers']} layers, "
         f"d_attn {info['d_attn']}, {info['non_embedding_params'] / 1e6:.1f}M non-embedding params), random weights; "
         f"Embedder batch_tokens {emb.batcher.budget}, {args.rows_per_call} rows per call; "
         f"set up in {time.perf_counter() - t:.1f}s"
     )
+    log(f"attention: {emb.warmup}")
 
     rng = np.random.default_rng(args.seed)
     cases: list[tuple[str, list[np.ndarray]]] = [
@@ -465,6 +499,13 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as e:  # one failed case (an OOM, say) must not cost the others
             log(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:300]}")
             free_memory()
+
+    packing_check = None
+    if emb.kernel is not None and time.perf_counter() - t_start <= args.budget_s:
+        try:
+            packing_check = check_packing(emb, emb_dir, dtype, device, cases[-1][1], args)
+        except Exception as e:
+            log(f"[packing check] FAILED: {type(e).__name__}: {str(e)[:300]}")
 
     del emb, ref
     free_memory()
@@ -505,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
         "cases": rows_out,
         "rerank": rerank,
+        "packing_check": packing_check,
     }
     if peak:
         for r in rows_out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,54 @@ def plan_microbatches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     return batches
 
 
+def plan_packed(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Row indices per packed micro-batch: longest first, each batch's real tokens within ``budget`` (no padding).
+
+    Sorting is not needed to avoid padding here; it keeps the plan deterministic and each forward's longest sequence
+    (the attention kernel's work per sequence) similar across a batch. A row longer than the budget runs alone.
+    """
+    if budget < 1:
+        raise ConfigError(f"batch token budget must be positive, got {budget}")
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start, total = 0, 0
+    for k, i in enumerate(order):
+        if k > start and total + lengths[i] > budget:
+            batches.append(order[start:k])
+            start, total = k, 0
+        total += int(lengths[i])
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+# A packed micro-batch that would waste at most this share on padding runs padded instead: at one length the padded
+# SDPA path is ~10% faster than varlen attention (H200, 0.6B, torch 2.11), and sorting makes most batches near-uniform.
+PACK_ABOVE_WASTE = 0.05
+
+
+def runs_padded(lengths: np.ndarray) -> bool:
+    """Whether a micro-batch of a packed plan is cheaper padded: its padding waste is at most PACK_ABOVE_WASTE."""
+    return len(lengths) * int(lengths.max()) <= (1 + PACK_ABOVE_WASTE) * int(lengths.sum())
+
+
+def budget_from_memory(
+    free_bytes: int, bytes_per_token: float, *, fraction: float = 0.5, lo: int = 4096, hi: int = 131072
+) -> int:
+    """Token budget that keeps a forward's activations within ``fraction`` of the free device memory.
+
+    ``bytes_per_token`` is the peak activation memory per padded token, measured by a warm-up forward. Half the free
+    memory leaves room for allocator fragmentation and for other actors placed on the same GPU (fractional
+    ``--num-gpus``); OOM backoff covers what the estimate misses. Above ~128k tokens a forward is already big enough to
+    saturate the GPU, so larger budgets buy nothing but memory.
+    """
+    if bytes_per_token <= 0:
+        return hi
+    budget = int(free_bytes * fraction / bytes_per_token)
+    return int(min(hi, max(lo, budget // 1024 * 1024)))
+
+
 def pad_batch(rows: Sequence[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids [B, L] and lengths [B]; masks come from lengths, never from ``ids != pad`` (pad == EOS)."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -83,6 +132,7 @@ class BatchStats:
     padded_tokens: int = 0  # tokens the model computed, padding included
     forwards: int = 0
     oom_retries: int = 0
+    packed_forwards: int = 0  # forwards run padding-free
     truncated: int = 0
     budgets: list[int] = field(default_factory=list)
 
@@ -92,32 +142,55 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Runs ``forward(rows) -> tensor [B, ...]`` over length-sorted micro-batches and restores the input order.
+    """Runs ``forward(stage(rows)) -> tensor [B, ...]`` over length-sorted micro-batches, restoring the input order.
 
-    On OOM the budget halves, the same rows are re-planned and retried, and the smaller budget is kept.
+    ``packed``: micro-batches are cut by real tokens (padding-free packing) instead of rows x longest. ``stage``
+    prepares a micro-batch's device inputs; the next micro-batch is staged right after the current forward is queued,
+    so on CUDA its host work and host-to-device copy run while the GPU computes. On OOM the budget halves, the same
+    rows are re-planned and retried, and the smaller budget is kept.
     """
 
-    def __init__(self, budget: int, stats: BatchStats | None = None):
+    def __init__(self, budget: int, stats: BatchStats | None = None, *, packed: bool = False):
         if budget < 1:
             raise ConfigError(f"--batch-tokens must be positive, got {budget}")
         self.budget = int(budget)
         self.stats = stats or BatchStats()
+        self.packed = packed
         hook = os.environ.get(OOM_HOOK_ENV)
         self._oom_above = int(hook) if hook else None
 
-    def run(self, rows: Sequence[np.ndarray], forward: Callable[[list[np.ndarray]], torch.Tensor]) -> torch.Tensor:
+    def _cost(self, lengths: np.ndarray) -> int:
+        """Tokens the forward computes: real tokens when packed, rows x longest when padded."""
+        if self.packed and not runs_padded(lengths):
+            return int(lengths.sum())
+        return len(lengths) * int(lengths.max())
+
+    def run(
+        self,
+        rows: Sequence[np.ndarray],
+        forward: Callable[[Any], torch.Tensor],
+        stage: Callable[[list[np.ndarray]], Any] | None = None,
+    ) -> torch.Tensor:
+        stage = stage or _identity
+        plan_fn = plan_packed if self.packed else plan_microbatches
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         outputs: list[torch.Tensor | None] = [None] * len(rows)
         pending = [np.arange(len(rows))]  # groups of original indices still to compute
         while pending:
             group = pending.pop()
-            for idx in plan_microbatches(lengths[group], self.budget):
+            plan = plan_fn(lengths[group], self.budget)
+            staged = None
+            for k, idx in enumerate(plan):
                 sel = group[idx]
-                padded = len(sel) * int(lengths[sel].max())
+                padded = self._cost(lengths[sel])
                 try:
                     if self._oom_above is not None and padded > self._oom_above:
                         raise torch.cuda.OutOfMemoryError(f"injected OOM at {padded} padded tokens")
-                    out = forward([rows[i] for i in sel])
+                    current = staged if staged is not None else stage([rows[i] for i in sel])
+                    staged = None
+                    out = forward(current)
+                    if k + 1 < len(plan):
+                        staged = stage([rows[i] for i in group[plan[k + 1]]])
                 except BaseException as e:
                     if not is_oom(e) or len(sel) == 1:
                         raise  # a single row that does not fit cannot be split further
@@ -131,6 +204,7 @@ class MicroBatcher:
                     pending.append(np.asarray([i for i in group if int(i) not in done], dtype=np.int64))
                     break
                 self.stats.forwards += 1
+                self.stats.packed_forwards += int(self.packed and not runs_padded(lengths[sel]))
                 self.stats.padded_tokens += padded
                 for j, i in enumerate(sel):
                     outputs[i] = out[j]
@@ -139,3 +213,42 @@ class MicroBatcher:
         if not rows:
             return torch.empty(0)
         return torch.stack(outputs)  # type: ignore[arg-type]
+
+
+def _identity(rows: list[np.ndarray]) -> list[np.ndarray]:
+    return rows
+
+
+class Stager:
+    """Host-to-device staging of micro-batch inputs.
+
+    On CUDA the host tensors are pinned and copied without blocking on a side stream; an event gates the compute
+    stream, so the copy of micro-batch k+1 overlaps the forward of k. PyTorch's caching host allocator does not reuse a
+    pinned block before the copy that reads it has finished. On CPU the tensors are used as they are.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+
+    def to_device(self, *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
+        if not self.cuda:
+            return tensors, None
+        with torch.cuda.stream(self.stream):
+            out = tuple(t.to(self.device, non_blocking=True) for t in tensors)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return out, event
+
+    def ready(self, tensors: tuple[torch.Tensor, ...], event: Any) -> None:
+        """Make the compute stream wait for the copy, and tell the allocator the tensors are used there."""
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for t in tensors:
+            t.record_stream(current)

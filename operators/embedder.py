@@ -12,9 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from operators import DEFAULT_EMBED_MODEL
-from operators.batching import DEFAULT_BATCH_TOKENS, BatchStats, MicroBatcher, pad_batch, pick_device, pick_dtype
+from operators.batching import (
+    DEFAULT_BATCH_TOKENS,
+    BatchStats,
+    MicroBatcher,
+    Stager,
+    budget_from_memory,
+    is_oom,
+    pick_device,
+    pick_dtype,
+    runs_padded,
+)
 from operators.errors import ConfigError
 from operators.loading import ModelSpec, inspect_model_dir, load_model, load_tokenizer, resolve_model_dir
+from operators.packing import install, make_packed, packed_hidden, resolve_kernel
 from operators.tokenization import DEFAULT_MAX_LENGTH, TextEncoder, ids_from_arrow, ids_to_arrow
 
 log = logging.getLogger("rayembed")
@@ -72,7 +83,8 @@ class Embedder:
         trust_remote_code: bool = False,
         storage_options: dict[str, Any] | None = None,
         spec: ModelSpec | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
+        packing: str = "auto",
     ):
         self.out_dtype = check_output_dtype(output_dtype)
         self.device = pick_device(device)
@@ -86,13 +98,28 @@ class Embedder:
         self.text_column = text_column
         self.encoder = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
         self.model = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
-        if compile:
-            # Fuses the norm/RoPE/activation kernels that dominate a small model's GPU time (2x on the 0.6B at 512
-            # tokens on an H200). Shapes vary per micro-batch: torch.compile turns dimensions dynamic after the
-            # first recompile, so the cost is a warm-up, not one compile per shape.
+        self.kernel = resolve_kernel(packing, self.device, spec.is_qwen3)
+        if self.kernel is not None:
+            install(self.model)
+        self._eager_model = self.model
+        # Default: compiled on CUDA. It fuses the norm/RoPE/activation kernels that dominate a small model's GPU time
+        # (1.9x on the 0.6B at 512 tokens on an H200). Shapes vary per micro-batch: torch.compile turns dimensions
+        # dynamic after the first recompile, so the cost is the warm-up below, not one compile per shape.
+        self.compiled = bool(self.device.type == "cuda" if compile is None else compile)
+        if self.compiled:
             self.model = torch.compile(self.model)
         self.stats = BatchStats()
-        self.batcher = MicroBatcher(batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats)
+        self.stager = Stager(self.device)
+        self.batcher = MicroBatcher(
+            batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats, packed=self.kernel is not None
+        )
+        self.warmup: dict[str, Any] = {
+            "packing": packing,
+            "kernel": self.kernel or "padded",
+            "compiled": self.compiled,
+        }
+        if self.device.type == "cuda":
+            self._warm_up(size_budget=batch_tokens is None)
 
     @property
     def model_bytes(self) -> int:
@@ -100,36 +127,119 @@ class Embedder:
 
     # ------------------------------------------------------------------------------------------------ compute
 
-    def _forward(self, rows: list[np.ndarray]) -> torch.Tensor:
-        ids, lengths = pad_batch(rows, self.encoder.pad_id)
-        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        lens = torch.from_numpy(lengths).to(self.device, non_blocking=True)
-        mask = None
-        if self.spec.is_qwen3:
-            # Causal attention with right padding: a real token never attends to the pads after it, so the pooled
-            # state is exact without a mask, and SDPA keeps its fused causal kernel. No KV cache is built either.
-            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    def _stage(self, rows: list[np.ndarray]) -> dict[str, Any]:
+        """A micro-batch's inputs on the device: packed into one row, or right-padded."""
+        n = len(rows)
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
+        if self.kernel is not None and not runs_padded(lengths):
+            total = int(lengths.sum())
+            host = self.stager.empty((2, total))
+            ids, pos = host[0].numpy(), host[1].numpy()
+            np.concatenate(rows, out=ids, casting="unsafe")
+            ends = np.cumsum(lengths)
+            pos[:] = np.arange(total) - np.repeat(ends - lengths, lengths)
+            cu = self.stager.empty((n + 1,), torch.int32)
+            cu[0] = 0
+            cu[1:] = torch.from_numpy(ends)
+            tensors, event = self.stager.to_device(host, cu)
+            return {"n": n, "tensors": tensors, "event": event, "padded": total, "max_len": int(lengths.max())}
+        host = self.stager.empty((n, int(lengths.max())))
+        ids = host.numpy()
+        ids.fill(self.encoder.pad_id)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = r
+        lens = self.stager.empty((n,))
+        lens.numpy()[:] = lengths
+        tensors, event = self.stager.to_device(host, lens)
+        padded = n * int(lengths.max())
+        return {
+            "n": n,
+            "tensors": tensors,
+            "event": event,
+            "padded": padded,
+            "uniform": lengths.min() == lengths.max(),
+        }
+
+    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        self.stager.ready(batch["tensors"], batch["event"])
+        n = batch["n"]
+        if "max_len" in batch:
+            host_ids_pos, cu = batch["tensors"]
+            packed = make_packed(cu, batch["max_len"], self.kernel, self._eager_model.config)
+            hidden = packed_hidden(self.model, host_ids_pos[0:1], host_ids_pos[1:2], packed)
+            pooled = hidden[cu[1:].long() - 1]
         else:
-            if lengths.min() != lengths.max() or self.spec.pooling == "mean":
-                mask = (torch.arange(ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        if self.spec.pooling == "lasttoken":
-            pooled = hidden[torch.arange(len(rows), device=self.device), lens - 1]
-        elif self.spec.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            input_ids, lens = batch["tensors"]
+            mask = None
+            if self.spec.is_qwen3:
+                # Causal attention with right padding: a real token never attends to the pads after it, so the pooled
+                # state is exact without a mask, and SDPA keeps its fused causal kernel. No KV cache is built either.
+                hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            else:
+                if not batch["uniform"] or self.spec.pooling == "mean":
+                    mask = (torch.arange(input_ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            if self.spec.pooling == "lasttoken":
+                pooled = hidden[torch.arange(n, device=self.device), lens - 1]
+            elif self.spec.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         # MRL: slice first, then normalise (design.md).
         pooled = pooled.float()[:, : self.dim]
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    def _warm_up(self, size_budget: bool) -> None:
+        """Run probe batches before real data: they pay the one-time costs (CUDA context, cuBLAS, ``torch.compile`` of
+        the padded and the packed graph), fall back to eager if compilation fails, and measure the activation memory
+        per token, from which the token budget is sized to the memory free."""
+        probe_len = min(512, self.encoder.max_length)
+        uniform = [np.full(probe_len, self.encoder.pad_id, dtype=np.int64) for _ in range(16)]
+        mixed = [np.full(1 + (probe_len - 1) * k // 15, self.encoder.pad_id, dtype=np.int64) for k in range(16)]
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        saved, self.batcher.budget = self.batcher.budget, len(uniform) * probe_len
+        try:
+            self._probe(uniform, mixed)
+        finally:
+            self.batcher.budget = saved
+            self.stats.__init__()  # the probes are not part of the job's statistics
+        per_token = (torch.cuda.max_memory_allocated(self.device) - base) / (len(uniform) * probe_len)
+        free, _total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        self.warmup.update(bytes_per_token=round(per_token), free_bytes=free, compiled=self.compiled)
+        if size_budget:
+            self.batcher.budget = budget_from_memory(free, per_token)
+        self.warmup["budget"] = self.batcher.budget
+        log.info(
+            "warm-up: %.0f activation bytes/token, %.1f GiB free -> %d batch tokens (%s, %s)",
+            per_token,
+            free / 2**30,
+            self.batcher.budget,
+            self.warmup["kernel"],
+            "compiled" if self.compiled else "eager",
+        )
+
+    def _probe(self, *batches: list[np.ndarray]) -> None:
+        for rows in batches:
+            try:
+                self.embed_ids(rows)
+            except Exception as e:
+                if not self.compiled or is_oom(e):
+                    raise
+                # A missing compiler toolchain or an unsupported op must cost speed, not the job.
+                log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, str(e)[:200])
+                self.model, self.compiled = self._eager_model, False
+                self.embed_ids(rows)
 
     @torch.inference_mode()
     def embed_ids(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         """[n, dim] vectors for rows of token ids (each already ending in EOS for Qwen3), in input order."""
         if len(rows) == 0:
             return np.zeros((0, self.dim), dtype=self.out_dtype)
-        out = self.batcher.run(list(rows), self._forward)
+        out = self.batcher.run(list(rows), self._forward, self._stage)
         return out.cpu().numpy().astype(self.out_dtype, copy=False)
 
     def embed(self, texts: Sequence[Any]) -> np.ndarray:

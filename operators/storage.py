@@ -11,6 +11,7 @@ import contextlib
 import fnmatch
 import hashlib
 import http.client
+import io
 import json
 import os
 import posixpath
@@ -328,7 +329,9 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict[str, Any] | N
 
 def open_input(shard: Shard, storage_options: dict[str, Any] | None = None) -> BinaryIO:
     fs, path = get_fs(shard.url, storage_options)
-    return fs.open(path, "rb", compression=shard.compression)
+    f = fs.open(path, "rb", compression=shard.compression)
+    # zstandard's decompression reader has no readline (io.UnsupportedOperation): buffer it for line iteration.
+    return io.BufferedReader(f) if shard.compression == "zstd" else f
 
 
 @contextlib.contextmanager

@@ -22,9 +22,9 @@ from operators.errors import ConfigError, RayembedError
 from operators.loading import inspect_model_dir, resolve_model_dir
 from operators.storage import Shard
 from pipelines import commit
-from pipelines.config import EmbedJobConfig
+from pipelines.config import DEFAULT_EMBED_BLOCKS_PER_CALL, EmbedJobConfig
 from pipelines.lease import Lease
-from pipelines.stages import EmbedStage, read_shards, shard_items, tokenize_block, write_parts
+from pipelines.stages import READY_FILE_ENV, EmbedStage, read_shards, shard_items, tokenize_block, write_parts
 
 log = logging.getLogger("rayembed")
 
@@ -138,6 +138,56 @@ def _num_gpus(cfg: EmbedJobConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def _local_mode(cfg: EmbedJobConfig) -> bool:
+    """Ray runs on this machine alone: no address given (the job started Ray, or its caller did) and one node."""
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+
+
+def _machine_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class EmbedResources:
+    num_gpus: float
+    num_cpus: float
+    threads: int
+    batch_rows: int
+
+
+def embed_resources(cfg: EmbedJobConfig) -> EmbedResources:
+    """What each model actor books from Ray, the torch threads it runs, and the rows it takes per call.
+
+    Ray books ``--num-cpus`` (1) logical CPUs per actor and sets OMP_NUM_THREADS, hence torch's threads, to that
+    number. On a GPU that is right: the host only feeds the device. A CPU actor in local mode instead runs
+    ``--threads`` = this machine's cores / max actors, while booking only ``--num-cpus``: the remaining logical CPUs
+    keep the read, tokenize and write tasks schedulable (booking every CPU for the actor would stall them), and those
+    tasks need little CPU next to the model's forward passes (about 5% for the 2-layer test model, far less for a
+    real one). On a CPU cluster, raise ``--num-cpus`` to give each actor more threads.
+    """
+    import ray
+
+    num_gpus = _num_gpus(cfg)
+    on_gpu = num_gpus > 0 and cfg.device not in ("cpu",)
+    threads = cfg.threads
+    if threads is None:
+        if not on_gpu and _local_mode(cfg):
+            cpus = min(_machine_cpus(), max(1, int(ray.cluster_resources().get("CPU", 1))))
+            threads = max(1, cpus // cfg.concurrency[1])
+        else:
+            threads = max(1, int(cfg.num_cpus))
+    blocks = DEFAULT_EMBED_BLOCKS_PER_CALL["gpu" if num_gpus > 0 else "cpu"]
+    batch_rows = cfg.embed_batch_rows or blocks * cfg.rows_per_block
+    return EmbedResources(num_gpus=num_gpus, num_cpus=cfg.num_cpus, threads=threads, batch_rows=batch_rows)
+
+
 def storage_options(cfg: EmbedJobConfig) -> dict[str, Any]:
     """fsspec options for every storage call of the job: the user's, plus the S3 retry budget."""
     return {"retry_budget": cfg.retry_budget, **cfg.storage_options}
@@ -218,11 +268,28 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
         },
         **remote,
     )
+    res = embed_resources(cfg)
+    log.info(
+        "embed stage: %s actors, %g GPUs and %g CPUs booked each, %d torch threads, %d rows per call",
+        "..".join(map(str, dict.fromkeys(cfg.concurrency))),
+        res.num_gpus,
+        res.num_cpus,
+        res.threads,
+        res.batch_rows,
+    )
+    # OMP_NUM_THREADS in the actor's environment, for torch and any other OpenMP code there. The actor's remote
+    # arguments then differ from the tasks', which also keeps Ray Data from fusing the read and tokenize tasks into
+    # the actor (it fuses task -> actor maps with equal remote arguments, as on CPU): fused, every shard was read and
+    # tokenized inside the actor, one after the other, all behind its start-up.
+    embed_env = {**hooks, "OMP_NUM_THREADS": str(res.threads)}
+    if os.environ.get(READY_FILE_ENV):
+        embed_env[READY_FILE_ENV] = os.environ[READY_FILE_ENV]
     ds = ds.map_batches(
         EmbedStage,
-        # Ray Data requires an explicit batch size for GPU stages. A batch may join rows of several shards (the
-        # writer splits them by shard) or split a block; parts are named by their first row offset either way.
-        batch_size=cfg.rows_per_block,
+        # Ray Data requires an explicit batch size for GPU stages. A batch may join rows of several shards or split
+        # a block; the writer cuts each shard's rows back into parts of at most rows_per_block rows, named by their
+        # first row offset.
+        batch_size=res.batch_rows,
         batch_format="pyarrow",
         fn_constructor_kwargs={
             "model": cfg.model,
@@ -237,13 +304,15 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "trust_remote_code": cfg.trust_remote_code,
             "storage_options": so,
             "compile": cfg.compile,
+            "packing": cfg.packing,
+            "threads": res.threads,
         },
         compute=ray.data.ActorPoolStrategy(min_size=cfg.concurrency[0], max_size=cfg.concurrency[1]),
         # Ray Data's defaults restart dead actors and retry their tasks forever (max_restarts=-1,
         # max_task_retries=-1): at-least-once execution, made exactly-once by deterministic names and markers.
-        num_gpus=_num_gpus(cfg),
-        num_cpus=cfg.num_cpus,
-        **remote,
+        num_gpus=res.num_gpus,
+        num_cpus=res.num_cpus,
+        runtime_env={"env_vars": embed_env},
     )
     return ds.map_batches(
         write_parts,
@@ -255,6 +324,7 @@ def build_dataset(cfg: EmbedJobConfig, pending: list[Shard], model: dict[str, An
             "passthrough": cfg.passthrough,
             "metadata": _file_metadata(cfg, model),
             "storage_options": so,
+            "rows_per_part": cfg.rows_per_block,
         },
         **remote,
     )
@@ -287,6 +357,7 @@ COMMIT_DELAY_ENV = "RAYEMBED_TEST_COMMIT_DELAY"
 
 def run_embed(cfg: EmbedJobConfig) -> EmbedSummary:
     t0 = time.time()
+    storage.take_retries()  # the driver's retry counter is per process: start this job's count from zero
     lease = Lease(
         cfg.output,
         ttl=cfg.lease_ttl,

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from operators import storage
 from operators.embedder import Embedder
@@ -42,6 +44,9 @@ ERROR_SCHEMA = pa.schema(
 ACTOR_EXIT_ENV = "RAYEMBED_TEST_ACTOR_EXIT_AFTER"
 # A data part of a shard whose stem equals this value raises half-way through its atomic write.
 FAIL_WRITE_ENV = "RAYEMBED_TEST_FAIL_WRITE"
+# Each embed actor appends one line to this file once its model is loaded (benchmarks: the start-up breakdown). The
+# driver forwards it to the embed actors alone, so the other stages keep Ray's pre-started workers as in a real job.
+READY_FILE_ENV = "RAYEMBED_BENCH_READY_FILE"
 
 
 def part_name(stem: str, first_offset: int) -> str:
@@ -76,7 +81,7 @@ def _table(rows: list[dict[str, Any]], stem: str, columns: list[str], shard_rows
     return pa.table(data)
 
 
-def _jsonl_rows(f, columns: list[str], text_column: str) -> Iterator[dict[str, Any]]:
+def _jsonl_rows(f, columns: list[str], id_column: str, text_column: str) -> Iterator[dict[str, Any]]:
     for offset, raw in enumerate(f):
         try:
             line = raw.decode("utf-8")
@@ -94,6 +99,9 @@ def _jsonl_rows(f, columns: list[str], text_column: str) -> Iterator[dict[str, A
         if not isinstance(obj, dict):
             yield _error_row(offset, "MalformedJSON", f"line is a JSON {type(obj).__name__}, not an object")
             continue
+        if obj.get(id_column) is None:
+            yield _error_row(offset, "MissingId", f"line has no {id_column!r} value")
+            continue
         row = {c: obj.get(c) for c in columns}
         row["_offset"] = offset
         err = text_error(row[text_column])
@@ -104,11 +112,19 @@ def _jsonl_rows(f, columns: list[str], text_column: str) -> Iterator[dict[str, A
         yield row
 
 
-def _parquet_rows(f, columns: list[str], rows_per_block: int) -> Iterator[pa.Table]:
+class InvalidColumn(TypeError):
+    """A Parquet shard whose text column is not a string column: one shard-level record, not a crash."""
+
+
+def _parquet_rows(f, columns: list[str], text_column: str, rows_per_block: int) -> Iterator[pa.Table]:
     pf = pq.ParquetFile(f)
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
         raise KeyError(f"column(s) {missing} not in shard (has {pf.schema_arrow.names})")
+    text_type = pf.schema_arrow.field(text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        # Its blocks would not combine with other shards' string blocks in Ray Data: the whole job would fail.
+        raise InvalidColumn(f"column {text_column!r} is {text_type}, not a string")
     yield from (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=rows_per_block, columns=columns))
 
 
@@ -126,6 +142,7 @@ def read_shard(
     columns = list(dict.fromkeys([id_column, text_column, *passthrough]))
     done = 0
     pending: pa.Table | None = None
+    buf: list[dict[str, Any]] = []  # JSONL rows read but not yet in a block
 
     def stamp(t: pa.Table, total: int) -> pa.Table:
         return t.set_column(
@@ -139,7 +156,7 @@ def read_shard(
     try:
         with storage.open_input(shard, storage_options) as f:
             if shard.fmt == "parquet":
-                for t in _parquet_rows(f, columns, rows_per_block):
+                for t in _parquet_rows(f, columns, text_column, rows_per_block):
                     n = len(t)
                     t = t.select(columns)
                     block = pa.table(
@@ -156,8 +173,7 @@ def read_shard(
                         yield pending
                     pending, done = block, done + n
             else:
-                buf: list[dict[str, Any]] = []
-                for row in _jsonl_rows(f, columns, text_column):
+                for row in _jsonl_rows(f, columns, id_column, text_column):
                     buf.append(row)
                     if len(buf) >= rows_per_block:
                         if pending is not None:
@@ -168,9 +184,15 @@ def read_shard(
                     if pending is not None:
                         yield pending
                     pending, done = _table(buf, shard.stem, columns, -1), done + len(buf)
+                    buf = []
     except Exception as e:
+        if buf:  # the lines read before the stream broke are good rows: keep them
+            if pending is not None:
+                yield pending
+            pending, done = _table(buf, shard.stem, columns, -1), done + len(buf)
         yield from flush_last(-1)
-        kind = "MissingColumn" if isinstance(e, KeyError) else "CorruptShard"
+        kinds = {KeyError: "MissingColumn", InvalidColumn: "InvalidColumn"}
+        kind = next((k for t, k in kinds.items() if isinstance(e, t)), "CorruptShard")
         msg = f"shard unreadable after {done} rows: {storage.describe_error(e)}"
         yield _table([{"_offset": done, "error": msg, "error_type": kind}], shard.stem, columns, done + 1)
         return
@@ -281,22 +303,52 @@ def tokenize_block(
 # ----------------------------------------------------------------------------------------------------------- embed
 
 
-class EmbedStage(Embedder):
-    """The model actor: embeds the valid rows of a tokenized block and drops the ids before the block moves on."""
+def _process_start() -> float:
+    """This process's start as a Unix time (Linux; 0 elsewhere), for the start-up breakdown of the ready hook."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
 
-    def __init__(self, *args: Any, **kwargs: Any):
+
+class EmbedStage(Embedder):
+    """The model actor: embeds the valid rows of a tokenized block and drops the ids before the block moves on.
+
+    ``threads`` sets torch's intra-op threads (Ray sets OMP_NUM_THREADS to the actor's whole logical CPUs, 1 by
+    default). A call may hold many read blocks (the embed stage's ``batch_size``: the length sort pads less); the
+    writer cuts them back into parts of at most ``rows_per_block`` rows.
+    """
+
+    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any):
+        t0 = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
         super().__init__(*args, **kwargs)
         self._batches = 0
         exit_after, _, flag = (os.environ.get(ACTOR_EXIT_ENV) or "").partition(":")
         self._exit_after = int(exit_after) if exit_after else None
         self._exit_flag = flag or None
         log.info(
-            "embed actor ready: %s on %s/%s, %.1f MB of weights",
+            "embed actor ready in %.1fs: %s on %s/%s, %.1f MB of weights, %d torch threads",
+            time.perf_counter() - t0,
             self.spec.source,
             self.device,
             self.dtype,
             self.model_bytes / 2**20,
+            torch.get_num_threads(),
         )
+        ready = os.environ.get(READY_FILE_ENV)
+        if ready:
+            # <ready> <pid> <process start> <__init__ start>, Unix times: process start to __init__ is the worker's
+            # own start plus the imports; __init__ to ready loads the tokenizer and the model.
+            now = time.time()
+            init_start = now - (time.perf_counter() - t0)
+            with open(ready, "a") as f:
+                f.write(f"{now:.6f} {os.getpid()} {_process_start():.6f} {init_start:.6f}\n")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _add_retries(super().__call__(batch).drop_columns(["input_ids"]))
@@ -328,56 +380,74 @@ def write_parts(
     passthrough: tuple[str, ...],
     metadata: dict[str, str],
     storage_options: dict[str, Any] | None = None,
+    rows_per_part: int | None = None,
 ) -> pa.Table:
-    """Write each shard's rows of this block as one immutable part, named by the shard and its first row offset,
-    plus a quarantine part for its bad rows. Returns one small record per part for the driver's commit."""
+    """Write each shard's rows of this block as immutable parts of at most ``rows_per_part`` rows (None: one part),
+    named by the shard and the part's first row offset, plus a quarantine part for each part's bad rows. A block from
+    the model stage may hold several read blocks of a shard (or rows of several shards). Returns one small record per
+    part for the driver's commit."""
     records = []
     retries = storage.take_retries()
     if "_retries" in table.column_names:
         retries += int(pc.sum(table["_retries"]).as_py() or 0)
     kv = {k.encode(): v.encode() for k, v in metadata.items()}
     for stem in pc.unique(table["_shard"]).to_pylist():
-        sub = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
-        first = int(sub["_offset"][0].as_py())
-        bad_mask = pc.is_valid(sub["error"])
-        good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
-        rec = {
-            "shard": stem,
-            "part": first,
-            "file": None,
-            "rows": len(good),
-            "errors": len(bad),
-            "errors_file": None,
-            "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
-            "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
-            "shard_rows": int(pc.max(sub["_shard_rows"]).as_py()),
-            "retries": retries if not records else 0,
-        }
-        if len(good):
-            data = pa.table(
-                {"id": good[id_column], "embedding": good["embedding"], **{c: good[c] for c in passthrough}}
-            )
-            data = data.replace_schema_metadata({**(data.schema.metadata or {}), **kv})
-            rel = f"data/{part_name(stem, first)}"
-            _write_parquet(data, storage.join(output, rel), storage_options)
-            rec["file"] = rel
-        if len(bad):
-            ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
-            errs = pa.table(
-                {
-                    "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
-                    "shard": pa.array([stem] * len(bad), pa.string()),
-                    "row_offset": bad["_offset"],
-                    "error_type": bad["error_type"],
-                    "message": bad["error"],
-                },
-                schema=ERROR_SCHEMA,
-            )
-            rel = f"_errors/{part_name(stem, first)}"
-            _write_parquet(errs, storage.join(output, rel), storage_options)
-            rec["errors_file"] = rel
-        records.append(rec)
+        rows = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
+        step = rows_per_part or len(rows)
+        for start in range(0, len(rows), step):
+            sub = rows.slice(start, step)
+            records.append(_write_part(sub, stem, output, id_column, passthrough, kv, storage_options))
+    if records:
+        records[0]["retries"] = retries
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
+def _write_part(
+    sub: pa.Table,
+    stem: str,
+    output: str,
+    id_column: str,
+    passthrough: tuple[str, ...],
+    kv: dict[bytes, bytes],
+    storage_options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    first = int(sub["_offset"][0].as_py())
+    bad_mask = pc.is_valid(sub["error"])
+    good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
+    rec = {
+        "shard": stem,
+        "part": first,
+        "file": None,
+        "rows": len(good),
+        "errors": len(bad),
+        "errors_file": None,
+        "tokens": int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
+        "truncated": int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
+        "shard_rows": int(pc.max(sub["_shard_rows"]).as_py()),
+        "retries": 0,
+    }
+    if len(good):
+        data = pa.table({"id": good[id_column], "embedding": good["embedding"], **{c: good[c] for c in passthrough}})
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **kv})
+        rel = f"data/{part_name(stem, first)}"
+        _write_parquet(data, storage.join(output, rel), storage_options)
+        rec["file"] = rel
+    if len(bad):
+        ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
+        errs = pa.table(
+            {
+                "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
+                "shard": pa.array([stem] * len(bad), pa.string()),
+                "row_offset": bad["_offset"],
+                "error_type": bad["error_type"],
+                "message": bad["error"],
+            },
+            schema=ERROR_SCHEMA,
+        )
+        rel = f"_errors/{part_name(stem, first)}"
+        _write_parquet(errs, storage.join(output, rel), storage_options)
+        rec["errors_file"] = rel
+    return rec
 
 
 RECORD_SCHEMA = pa.schema(

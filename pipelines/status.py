@@ -1,20 +1,55 @@
 """``rayembed status OUTPUT``: what an embed output prefix holds, while its job runs or after it ended.
 
-Reads only the output contract: ``_state/*.json`` markers, ``_lease.json`` and ``_manifest.json``; lists the input
-(given, or recorded in the lease or manifest) to find the shards still pending or whose input changed (stale).
+Reads only the output contract: ``_state/*.json`` markers, ``_lease.json`` and ``_manifest.json``, plus the last
+``_errors/`` part of each shard with quarantined rows (to tell a failed shard from one with a few bad rows); lists the
+input (given, or recorded in the lease or manifest) to find the shards still pending or whose input changed (stale).
+
+A shard is one of: done (committed), failed (committed with a shard-level error: the reader could not open or finish
+it, so its rows from that offset on are not embedded; a rerun skips it until its input changes), stale (committed from
+an input that has changed since: a rerun redoes it) or pending (not committed yet).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from operators import storage
 from operators.errors import RayembedError
 from pipelines import commit
 from pipelines.config import parse_storage_options
 from pipelines.lease import describe_holder, lease_state, lease_url
+
+# The error types of pipelines/stages.py read_shard's shard-level record (an unreadable or truncated shard, a missing
+# column, a text column that is not a string). Row-level types (InvalidText, MalformedJSON, ...) are not failures.
+SHARD_ERROR_TYPES = frozenset({"CorruptShard", "MissingColumn", "InvalidColumn"})
+
+
+def shard_failures(
+    output: str, markers: dict[str, dict[str, Any]], storage_options: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The shard-level error record of each committed shard that has one, by stem. The reader stops at that error, so
+    it is the shard's highest row offset and lies in the shard's last quarantine part (parts are named by their first
+    offset): one small read per shard with quarantined rows, none for the others."""
+    last = {s: max(m["error_files"]) for s, m in markers.items() if m.get("errors") and m.get("error_files")}
+
+    def read(item: tuple[str, str]) -> tuple[str, dict[str, Any] | None]:
+        stem, rel = item
+        try:
+            data = storage.read_bytes(storage.join(output, rel), storage_options)
+        except FileNotFoundError:
+            return stem, None  # a rerun is redoing the shard and removed its old parts since we read the marker
+        rows = pq.read_table(io.BytesIO(data), columns=["row_offset", "error_type", "message"]).to_pylist()
+        failed = [r for r in rows if r["error_type"] in SHARD_ERROR_TYPES]
+        return stem, ({"shard": stem, **failed[-1]} if failed else None)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return {s: r for s, r in pool.map(read, sorted(last.items())) if r is not None}
 
 
 def collect_status(
@@ -34,14 +69,17 @@ def collect_status(
         "rows": sum(m["rows"] for m in markers.values()),
         "quarantined": sum(m["errors"] for m in markers.values()),
         "tokens": sum(m["tokens"] for m in markers.values()),
+        "truncated": sum(m.get("truncated", 0) for m in markers.values()),
         "files": sum(len(m["files"]) for m in markers.values()),
         "shards_with_quarantined_rows": sorted(s for s, m in markers.items() if m["errors"]),
+        "failed": [],
         "pending": None,
         "stale": None,
         "total_shards": None,
         "lease": None,
         "manifest": None,
     }
+    current = set(markers)
     if inputs:
         shards = storage.list_shards(inputs, storage_options)
         report["total_shards"] = len(shards)
@@ -49,9 +87,11 @@ def collect_status(
         report["stale"] = [
             s.stem for s in shards if s.stem in markers and markers[s.stem].get("fingerprint") != s.fingerprint
         ]
-        report["done"] = sum(
-            1 for s in shards if s.stem in markers and markers[s.stem].get("fingerprint") == s.fingerprint
-        )
+        current = {s.stem for s in shards if s.stem in markers and markers[s.stem].get("fingerprint") == s.fingerprint}
+    # A failed shard whose input changed since is stale (a rerun redoes it), not failed.
+    failures = shard_failures(output, {s: m for s, m in markers.items() if s in current}, storage_options)
+    report["failed"] = [failures[s] for s in sorted(failures)]
+    report["done"] = len(current) - len(failures)
     if lease is not None:
         state = lease_state(lease)
         report["lease"] = {
@@ -68,18 +108,25 @@ def collect_status(
 
 def format_status(r: dict[str, Any]) -> str:
     lines = [f"rayembed status: {r['output']}"]
+    failed = r["failed"]
     if r["total_shards"] is not None:
         lines.append(
-            f"  shards: {r['done']} done, {len(r['pending'])} pending, {len(r['stale'])} stale "
+            f"  shards: {r['done']} done, {len(failed)} failed, {len(r['pending'])} pending, {len(r['stale'])} stale "
             f"(input changed), {r['total_shards']} in the input"
         )
     else:
-        lines.append(f"  shards: {r['done']} done (input unknown: pass --input to count pending ones)")
+        lines.append(
+            f"  shards: {r['done']} done, {len(failed)} failed (input unknown: pass --input to count pending ones)"
+        )
     lines.append(
-        f"  rows: {r['rows']} written, {r['quarantined']} quarantined, {r['tokens']} tokens, {r['files']} data files"
+        f"  rows: {r['rows']} written, {r['quarantined']} quarantined, {r['truncated']} truncated, {r['tokens']} "
+        f"tokens, {r['files']} data files"
     )
     if r["shards_with_quarantined_rows"]:
         lines.append(f"  shards with quarantined rows: {', '.join(r['shards_with_quarantined_rows'])}")
+    if failed:
+        lines.append("  failed shards (not read to the end; fix the input, then rerun: a changed shard is redone):")
+        lines += [f"    {f['shard']}: {f['error_type']} at row {f['row_offset']}: {f['message']}" for f in failed]
     lease = r["lease"]
     if lease is None:
         lines.append("  lease: none")

@@ -1,8 +1,10 @@
 """A threaded HTTP reverse proxy on 127.0.0.1 in front of moto: counts S3 requests and injects faults.
 
 Counts are kept per (method, path) as the server saw them (UploadPart is a PUT with ``?partNumber=``). Faults are
-injected for a configurable fraction of matching requests, never forwarded to moto:
-``503 SlowDown`` (the throttling answer of real S3) or a connection reset (the socket is closed unanswered).
+injected for a configurable fraction of matching requests: ``503 SlowDown`` (the throttling answer of real S3), a
+connection reset before the request reaches moto (``reset``: the socket is closed unanswered, with an RST) or one
+after moto has carried it out (``reset-after``: the answer is lost, as when a connection drops on the way back, so a
+retry meets the request's own effect).
 """
 
 from __future__ import annotations
@@ -46,10 +48,7 @@ class S3Proxy:
                 body = self.rfile.read(length) if length else None
                 action = proxy._decide(self.command, self.path)
                 if action == "reset":
-                    # RST instead of FIN: the client sees "connection reset by peer".
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
+                    self._reset()
                     return
                 if action == "503":
                     self.send_response(503, "Slow Down")
@@ -64,6 +63,9 @@ class S3Proxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    if action == "reset-after":
+                        self._reset()
+                        return
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
@@ -76,6 +78,14 @@ class S3Proxy:
                         self.wfile.write(data)
                 finally:
                     conn.close()
+
+            def _reset(self):
+                # RST instead of FIN (SO_LINGER 0), and no answer: the client sees "connection reset by peer". The
+                # socket closes for real only with its last file object, so close the reader first, right now.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.rfile.close()
+                self.connection.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -102,7 +112,10 @@ class S3Proxy:
         limit: int | None = None,
     ) -> None:
         """Fail ``fraction`` of requests whose method is in ``methods`` and whose path matches the regex ``path``,
-        with ``kind`` "503" (SlowDown) or "reset"; at most ``limit`` faults (None: unbounded)."""
+        with ``kind`` "503" (SlowDown), "reset" (before moto sees the request) or "reset-after" (after moto has
+        carried it out); at most ``limit`` faults (None: unbounded)."""
+        if kind not in ("503", "reset", "reset-after"):
+            raise ValueError(f"unknown fault kind {kind!r}")
         with self.lock:
             self._fault = (fraction, tuple(methods), re.compile(path), kind, limit)
 

@@ -40,9 +40,9 @@ def record_forwards(emb: Embedder) -> list[tuple[int, int]]:
     log: list[tuple[int, int]] = []
     inner = emb._forward
 
-    def forward(rows):
-        log.append((len(rows), len(rows) * max(len(r) for r in rows)))
-        return inner(rows)
+    def forward(batch):
+        log.append((batch["n"], batch["padded"]))
+        return inner(batch)
 
     emb._forward = forward
     return log

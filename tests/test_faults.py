@@ -1,5 +1,6 @@
 """Fault injection with real processes: a dying actor, a SIGKILLed driver, a write that crashes half-way, a finished
-job rerun on S3 (PUTs counted at the server) and a throttling bucket (503 SlowDown at 30% and 100%).
+job rerun on S3 (PUTs counted at the server), a throttling bucket (503 SlowDown at 30% and 100%) and a bucket whose
+connections reset (30%).
 
 Every scenario must end in the output of a clean run: the same ids once each, vectors within 1e-6.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,7 +129,8 @@ def test_driver_sigkill_then_rerun_resumes(corpus, clean, qwen_model_dir, tmp_pa
     assert f"({N_SHARDS - committed} processed, {committed} already committed)" in stdout
     _assert_same(_vectors(out), clean)
     stdout, _ = _embed(capsys, "status", out)
-    assert f"shards: {N_SHARDS} done, 0 pending" in stdout and "succeeded" in stdout
+    # "0 failed, " since status reports failed shards (shard-level read errors); optional while that lands.
+    assert re.search(rf"shards: {N_SHARDS} done, (0 failed, )?0 pending", stdout) and "succeeded" in stdout, stdout
 
 
 @pytest.fixture()
@@ -212,6 +215,26 @@ def test_throttled_bucket_30_percent_completes_with_retries(
     assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
 
 
+def test_connection_resets_30_percent_complete_with_retries(
+    s3_server, proxy, corpus, clean, qwen_model_dir, ray_local, capsys
+):
+    """The whole job on a bucket whose connections reset (RST, no answer) on 30% of requests: every S3 call of
+    every stage and of the driver (listing, reads, multipart writes, markers, lease, manifest) retries them."""
+    bucket = _s3_corpus(s3_server, corpus)
+    so = json.dumps({**s3_server.storage_options, "endpoint_url": proxy.endpoint})
+    proxy.fault(0.3, methods=("GET", "PUT", "POST", "HEAD"), path=rf"^/{bucket}", kind="reset")
+    stdout, _ = _embed(
+        capsys, *_args(f"s3://{bucket}/in/", f"s3://{bucket}/out", qwen_model_dir, "--storage-options", so)
+    )
+    proxy.fault(0)
+    retries = int(stdout.split(" storage retries")[0].rsplit(" ", 1)[-1])
+    print(f"\nresets: {proxy.injected['reset']} injected, {retries} storage retries counted")
+    assert proxy.injected["reset"] > 10 and not proxy.injected["503"]
+    assert retries > 0, stdout
+    _assert_same(_vectors(f"s3://{bucket}/out", s3_server.storage_options), clean)
+    assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
 def test_throttled_bucket_100_percent_fails_within_budget(s3_server, proxy, corpus, qwen_model_dir, ray_local, capsys):
     bucket = _s3_corpus(s3_server, corpus)
     so = json.dumps({**s3_server.storage_options, "endpoint_url": proxy.endpoint})
@@ -236,7 +259,8 @@ def test_throttled_bucket_100_percent_fails_within_budget(s3_server, proxy, corp
 
 
 def test_storage_retries_slowdown_and_resets(s3_server, proxy):
-    """The retry loop itself: throttling and resets are retried and counted; a dead bucket fails within budget."""
+    """The retry loop itself: throttling and resets (before and after the server acts) are retried and counted; a
+    dead bucket fails within budget."""
     from operators import storage
 
     bucket = s3_server.new_bucket("retry")
@@ -247,8 +271,21 @@ def test_storage_retries_slowdown_and_resets(s3_server, proxy):
         storage.write_bytes(f"s3://{bucket}/k{i}", b"x" * 10, so)
         assert storage.read_bytes(f"s3://{bucket}/k{i}", so) == b"x" * 10
     assert storage.take_retries() >= proxy.injected["503"] > 0
+    # Resets before the request reaches the server, and after it was carried out (the answer is lost: the retry
+    # meets its own effect, e.g. a completed multipart upload). aiohttp silently retries an idempotent request once
+    # on a reused connection, so fewer retries are counted than resets injected (but every POST's).
+    for kind in ("reset", "reset-after"):
+        proxy.reset_counts()
+        proxy.fault(0.5, methods=("PUT", "POST", "GET", "HEAD"), kind=kind)
+        for i in range(6):
+            data = f"{kind} {i}".encode()
+            storage.write_bytes(f"s3://{bucket}/{kind}/k{i}", data, so)
+            assert storage.read_bytes(f"s3://{bucket}/{kind}/k{i}", so) == data
+            assert storage.exists(f"s3://{bucket}/{kind}/k{i}", so)
+        assert proxy.injected[kind] > 5 and storage.take_retries() > 0, proxy.injected
     proxy.fault(1.0, methods=("GET",), kind="reset")
     t0 = time.time()
     with pytest.raises(storage.StorageError, match=r"retry budget.*connection error"):
         storage.read_bytes(f"s3://{bucket}/k0", {**so, "retry_budget": 1.5})
     assert time.time() - t0 < 15 and proxy.injected["reset"] > 1
+    storage.take_retries()  # this process's count: leave none to the next job summary in this pytest process

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from operators import storage
@@ -84,15 +87,19 @@ def test_options_validated_and_documented(capsys):
     assert "pending" in capsys.readouterr().out
 
 
-def test_status_duplicates_and_released_lease(tmp_path, qwen_model_dir, ray_local, capsys):
+def test_status_failed_shard_duplicates_and_released_lease(tmp_path, qwen_model_dir, ray_local, capsys):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     docs = make_docs(6, seed=1)
     docs.append({**docs[0], "text": "a different text under the same id"})  # duplicate id 0
     write_parquet(docs, str(inp / "a.parquet"))
     write_parquet(make_docs(4, seed=2, start_id=50), str(inp / "b.parquet"))
+    broken = make_docs(5, seed=5, start_id=70)
+    write_parquet(broken, str(inp / "broken.parquet"))
+    data = (inp / "broken.parquet").read_bytes()
+    (inp / "broken.parquet").write_bytes(data[: len(data) // 2])  # a truncated shard: one shard-level record
     args = ["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir, "-q"]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--max-error-ratio", "1"]) == 0
     assert "0 storage retries" in capsys.readouterr().out
 
     # Duplicate ids are kept: each row is embedded and written (no dedup; the id column is not a key).
@@ -104,10 +111,35 @@ def test_status_duplicates_and_released_lease(tmp_path, qwen_model_dir, ray_loca
 
     assert cli.main(["status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "shards: 2 done, 0 pending, 0 stale (input changed), 2 in the input" in text
-    assert "rows: 11 written, 0 quarantined" in text
+    assert "shards: 2 done, 1 failed, 0 pending, 0 stale (input changed), 3 in the input" in text
+    assert "rows: 11 written, 1 quarantined, 0 truncated" in text
+    assert "\n    broken: CorruptShard at row 0: shard unreadable after 0 rows: ArrowInvalid: " in text
     assert "lease: released; last job" in text and "succeeded" in text
-    assert "manifest: written" in text and "2 shards, 11 rows" in text
+    assert "manifest: written" in text and "3 shards, 11 rows, 1 quarantined" in text
+    assert cli.main(["status", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (failed,) = report["failed"]
+    assert (failed["shard"], failed["error_type"], failed["row_offset"]) == ("broken", "CorruptShard", 0)
+    assert failed["message"].startswith("shard unreadable after 0 rows: ArrowInvalid")
+    assert report["done"] == 2 and report["shards_with_quarantined_rows"] == ["broken"]
+
+    # While a job runs (markers, no manifest, input unknown), failed shards show the same way; a shard with only
+    # row-level errors is not failed.
+    mid = tmp_path / "mid"
+    shutil.copytree(out / "_state", mid / "_state")
+    shutil.copytree(out / "_errors", mid / "_errors")
+    b_marker = storage.read_json(str(mid / "_state" / "b.json"))
+    storage.write_json(
+        str(mid / "_state" / "b.json"), {**b_marker, "errors": 1, "error_files": ["_errors/b-000000000001.parquet"]}
+    )
+    pq.write_table(
+        pa.table({"id": ["51"], "shard": ["b"], "row_offset": [1], "error_type": ["InvalidText"], "message": ["x"]}),
+        mid / "_errors" / "b-000000000001.parquet",
+    )
+    assert cli.main(["status", str(mid)]) == 0
+    text = capsys.readouterr().out
+    assert "shards: 2 done, 1 failed (input unknown" in text and "    broken: CorruptShard at row 0" in text
+    assert "shards with quarantined rows: b, broken" in text and "manifest: none" in text
 
     # A new shard is pending; a rewritten one is stale. --json gives the same report as data.
     write_parquet(make_docs(3, seed=3, start_id=90), str(inp / "c.parquet"))
@@ -117,6 +149,11 @@ def test_status_duplicates_and_released_lease(tmp_path, qwen_model_dir, ray_loca
     report = json.loads(capsys.readouterr().out)
     assert report["pending"] == ["c"] and report["stale"] == ["b"] and report["done"] == 1
     assert report["lease"]["state"] == "released" and report["manifest"]["totals"]["rows"] == 11
+    # A failed shard whose input was fixed since is stale (a rerun redoes it), no longer failed.
+    write_parquet(broken, str(inp / "broken.parquet"))
+    assert cli.main(["status", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stale"] == ["b", "broken"] and report["failed"] == [] and report["done"] == 1
 
     assert cli.main(["status", str(tmp_path / "nothing")]) == 2
     assert "holds no rayembed embed output" in capsys.readouterr().err
