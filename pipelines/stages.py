@@ -25,7 +25,7 @@ from operators import storage
 from operators.embedder import Embedder
 from operators.loading import inspect_model_dir, load_tokenizer, resolve_model_dir
 from operators.storage import Shard
-from operators.tokenization import TextEncoder, ids_to_arrow, text_error
+from operators.tokenization import Encoded, TextEncoder, ids_to_arrow, text_error
 
 log = logging.getLogger("rayembed")
 
@@ -42,6 +42,8 @@ ERROR_SCHEMA = pa.schema(
 # An embed actor exits hard after K batches: "K" fires in every actor instance, "K:/path/flag" only in the first
 # one that creates the flag file (once per job, so the restarted actor finishes the job).
 ACTOR_EXIT_ENV = "RAYEMBED_TEST_ACTOR_EXIT_AFTER"
+# Test hook: the model actor's forward raises on any micro-batch holding this token id (a poison row).
+POISON_TOKEN_ENV = "RAYEMBED_TEST_POISON_TOKEN"
 # A data part of a shard whose stem equals this value raises half-way through its atomic write.
 FAIL_WRITE_ENV = "RAYEMBED_TEST_FAIL_WRITE"
 # Each embed actor appends one line to this file once its model is loaded (benchmarks: the start-up breakdown). The
@@ -268,6 +270,23 @@ def _encoder(
     return _ENCODERS[key]
 
 
+def encode_bisecting(enc: TextEncoder, texts: list[Any]) -> tuple[Encoded, set[int]]:
+    """``enc.encode`` that survives a poison row: when the tokenizer raises, the batch is halved until only the rows
+    that raise are left; those get an error (their indices are returned) and every other row is encoded."""
+    try:
+        return enc.encode(texts), set()
+    except Exception as e:
+        if len(texts) == 1:
+            err = f"tokenizer failed: {type(e).__name__}: {str(e)[:300]}"
+            return Encoded(ids=[np.zeros(0, dtype=np.int32)], truncated=np.zeros(1, dtype=bool), errors=[err]), {0}
+    mid = len(texts) // 2
+    (a, pa_), (b, pb) = encode_bisecting(enc, texts[:mid]), encode_bisecting(enc, texts[mid:])
+    merged = Encoded(
+        ids=a.ids + b.ids, truncated=np.concatenate([a.truncated, b.truncated]), errors=a.errors + b.errors
+    )
+    return merged, pa_ | {mid + i for i in pb}
+
+
 def tokenize_block(
     table: pa.Table,
     *,
@@ -282,11 +301,11 @@ def tokenize_block(
     enc = _encoder(model, revision, max_length, instruction, storage_options)
     texts = table[text_column].to_pylist()
     prior = table["error"].to_pylist()
-    encoded = enc.encode([t if p is None else "" for t, p in zip(texts, prior)])
+    encoded, poison = encode_bisecting(enc, [t if p is None else "" for t, p in zip(texts, prior)])
     errors, types = table["error"].to_pylist(), table["error_type"].to_pylist()
     for i, err in enumerate(encoded.errors):
         if err is not None and errors[i] is None:
-            errors[i], types[i] = err, "InvalidText"
+            errors[i], types[i] = err, "TokenizerError" if i in poison else "InvalidText"
     ids = [x if e is None else x[:0] for x, e in zip(encoded.ids, errors)]
     out = table.drop_columns([text_column]) if drop_text else table
     out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
@@ -332,6 +351,8 @@ class EmbedStage(Embedder):
         exit_after, _, flag = (os.environ.get(ACTOR_EXIT_ENV) or "").partition(":")
         self._exit_after = int(exit_after) if exit_after else None
         self._exit_flag = flag or None
+        poison = os.environ.get(POISON_TOKEN_ENV)
+        self._poison_token = int(poison) if poison else None
         log.info(
             "embed actor ready in %.1fs: %s on %s/%s, %.1f MB of weights, %d torch threads",
             time.perf_counter() - t0,
@@ -351,12 +372,34 @@ class EmbedStage(Embedder):
                 f.write(f"{now:.6f} {os.getpid()} {_process_start():.6f} {init_start:.6f}\n")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = _add_retries(super().__call__(batch).drop_columns(["input_ids"]))
+        out = _add_retries(self._embed_bisecting(batch).drop_columns(["input_ids"]))
         self._batches += 1
         if self._exit_after is not None and self._batches >= self._exit_after and self._claim_exit():
             log.warning("test hook %s: embed actor exits now", ACTOR_EXIT_ENV)
             os._exit(1)
         return out
+
+    def _embed_bisecting(self, batch: pa.Table) -> pa.Table:
+        """Embed; when the model raises on a batch, halve it until only the rows that raise are left and quarantine
+        those as ModelError, so one poison row costs one row. (An OOM reaches here only for a row that does not fit
+        alone: the micro-batcher retries smaller batches itself.) A failure of every row, a broken device say, ends
+        above --max-error-ratio and fails the job with the counts."""
+        try:
+            return super().__call__(batch)
+        except Exception as e:
+            if batch.num_rows == 1:
+                log.warning("quarantining a row the model fails on: %s: %s", type(e).__name__, str(e)[:200])
+                err = f"model failed: {type(e).__name__}: {str(e)[:300]}"
+                batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array([err], pa.string()))
+                i = batch.schema.get_field_index("error_type")
+                return super().__call__(batch.set_column(i, "error_type", pa.array(["ModelError"], pa.string())))
+        mid = batch.num_rows // 2
+        return pa.concat_tables([self._embed_bisecting(batch.slice(0, mid)), self._embed_bisecting(batch.slice(mid))])
+
+    def _forward(self, staged: dict[str, Any]) -> Any:
+        if self._poison_token is not None and bool((staged["tensors"][0] == self._poison_token).any()):
+            raise RuntimeError(f"test hook {POISON_TOKEN_ENV}: poison token in the batch")
+        return super()._forward(staged)
 
     def _claim_exit(self) -> bool:
         if self._exit_flag is None:
