@@ -16,9 +16,10 @@ Measured per input length (128, 512 and 2048 tokens, and a long-tail mix: lognor
              with an attention mask (what ``tokenizer.pad`` makes), ``AutoModel`` forward, ``last_token_pool``,
              ``F.normalize``. The padding is done in numpy, which is cheaper than ``tokenizer.pad``.
 
-and, for the reranker, ``operators.reranker.Reranker.score_ids`` on (prefix + body + suffix) rows of
-``--rerank-len`` tokens with the 0.6B architecture as ``Qwen3ForCausalLM`` (if operators/reranker.py is missing or
-fails to load, a plain backbone forward plus the two-row head ``hidden_last @ lm_head[[no, yes]].T`` stands in).
+and, for the reranker (benchmarks/gpu_rerank.py), ``operators.reranker.Reranker.score_ids`` with the same ``--packing``
+and ``--compile`` on (prefix + body + suffix) rows of ``--rerank-len`` tokens and on long-tail bodies, with the same
+architecture as ``Qwen3ForCausalLM`` (if operators/reranker.py is missing or fails to load, a plain backbone forward
+plus the two-row head ``hidden_last @ lm_head[[no, yes]].T`` stands in).
 
 tokens/s counts real tokens (padding excluded) over wall time, host-to-device copies and the copy of the results
 back included, with ``torch.cuda.synchronize()`` around each timing.
@@ -49,8 +50,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, os.path.join(REPO, "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -218,27 +220,6 @@ class Reference:
         return torch.cat(out).float().cpu().numpy()
 
 
-class TwoRowReranker:
-    """Stand-in for operators.reranker: backbone forward, then ``hidden_last @ lm_head[[no, yes]].T``."""
-
-    def __init__(self, path: str, dtype: torch.dtype, device: str, batch_tokens: int):
-        from transformers import AutoModelForCausalLM
-
-        lm = AutoModelForCausalLM.from_pretrained(path, **{dtype_kwarg(): dtype}).to(device).eval()
-        self.head = lm.get_output_embeddings().weight.detach()[[NO_ID, YES_ID]].float()
-        self.model, self.device, self.batch_tokens = lm.model, device, batch_tokens
-
-    @torch.inference_mode()
-    def score_ids(self, rows: list[np.ndarray]) -> np.ndarray:
-        out = []
-        per = max(1, self.batch_tokens // max(len(r) for r in rows))
-        for i in range(0, len(rows), per):
-            ids = torch.from_numpy(np.stack(rows[i : i + per]).astype(np.int64)).to(self.device)  # equal lengths
-            hidden = self.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
-            out.append(torch.softmax(hidden.float() @ self.head.T, dim=-1)[:, 1])
-        return torch.cat(out).cpu().numpy()
-
-
 # ------------------------------------------------------------------------------------------------------ timing
 
 
@@ -358,44 +339,57 @@ def check_packing(emb, emb_dir: str, dtype, device: str, rows: list[np.ndarray],
     return out
 
 
-def run_rerank(rr_dir, arch, dtype, device, rng, peak, args, reranker_cls, import_error) -> dict:
-    """tokens/s of the reranker (or the two-row stand-in) on pairs of ``--rerank-len`` tokens."""
-    rinfo = make_model_dir(rr_dir, arch, causal_lm=True, dtype=dtype, device=device, seed=args.seed + 1)
-    impl = "operators.reranker.Reranker"
-    try:
-        if reranker_cls is None:
-            raise RuntimeError(import_error)
-        rr = reranker_cls(
-            rr_dir,
-            device=device,
-            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-            batch_tokens=args.batch_tokens,
-        )
-        prefix, suffix = np.asarray(rr.prefix_ids, np.int32), np.asarray(rr.suffix_ids, np.int32)
-    except Exception as e:  # the optional import, or a constructor that does not accept the stand-in
-        log(f"reranker: operators.reranker unusable ({e}); timing the two-row head stand-in instead")
-        impl = "stand-in: backbone + two-row head"
-        rr = TwoRowReranker(rr_dir, dtype, device, args.batch_tokens or (65536 if device == "cuda" else 8192))
-        prefix, suffix = np.zeros(0, np.int32), np.zeros(0, np.int32)
-    body = max(1, args.rerank_len - len(prefix) - len(suffix))
-    n = max(REF_BATCH, args.tokens // args.rerank_len)
-    pairs = [np.concatenate([prefix, b, suffix]) for b in fixed_rows(rng, n, body)]
-    rr.score_ids(pairs[: min(len(pairs), 256)])
-    done, scores, secs = timed_run(rr.score_ids, pairs, args.rows_per_call, args.cap_s)
-    lens = np.array([len(x) for x in pairs[:done]])
-    rerank = {
-        "impl": impl,
-        "len": int(lens[0]),
-        "rows": done,
-        "tok_s": float(lens.sum() / secs),
-        "flops_s": useful_flops(lens, rinfo) / secs,
-        "score_range": [float(scores.min()), float(scores.max())],
-    }
-    log(
-        f"[rerank] {impl}: {rerank['tok_s']:.0f} tok/s MFU {fmt_mfu(rerank['flops_s'], peak).strip()} ({done} "
-        f"pairs of {rerank['len']} tokens, {secs:.1f}s; scores in [{scores.min():.3f}, {scores.max():.3f}])"
+def run_embedder(tmp, arch, dtype, device, lengths, mix, rng, peak, args, t_start) -> tuple[list[dict], dict | None]:
+    """The embedder against the reference at each length and on the mix, then the packing check."""
+    from operators.embedder import Embedder
+
+    emb_dir = os.path.join(tmp, "emb")
+    t = time.perf_counter()
+    info = make_model_dir(emb_dir, arch, causal_lm=False, dtype=dtype, device=device, seed=args.seed)
+    emb = Embedder(
+        emb_dir,
+        device=device,
+        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+        batch_tokens=args.batch_tokens,
+        compile=args.compile,
+        packing=args.packing,
     )
-    return rerank
+    ref = None if args.no_ref else Reference(emb_dir, dtype, device)
+    log(
+        f"model: Qwen3 {'smoke' if args.cpu_smoke else args.arch} (hidden {info['hidden']}, {info['layers']} layers, "
+        f"d_attn {info['d_attn']}, {info['non_embedding_params'] / 1e6:.1f}M non-embedding params), random weights; "
+        f"Embedder batch_tokens {emb.batcher.budget}, {args.rows_per_call} rows per call; "
+        f"set up in {time.perf_counter() - t:.1f}s"
+    )
+    log(f"attention: {emb.warmup}")
+
+    cases: list[tuple[str, list[np.ndarray]]] = [
+        (str(n), fixed_rows(rng, max(REF_BATCH, args.tokens // n), n)) for n in lengths
+    ]
+    if not args.no_mix:
+        cases.append((f"mix{mix[0]:.0f}", mixed_rows(rng, args.tokens // 4, *mix)))  # a quarter: its reference pads
+
+    rows_out: list[dict] = []
+    for name, rows in cases:
+        if time.perf_counter() - t_start > args.budget_s:
+            log(f"[{name}] skipped: the {args.budget_s:.0f}s budget is spent")
+            continue
+        try:
+            rows_out.append(run_case(name, rows, emb, ref, info, peak, args))
+        except Exception as e:  # one failed case (an OOM, say) must not cost the others
+            log(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:300]}")
+            free_memory()
+
+    packing_check = None
+    if emb.kernel is not None and time.perf_counter() - t_start <= args.budget_s:
+        try:
+            packing_check = check_packing(emb, emb_dir, dtype, device, cases[-1][1], args)
+        except Exception as e:
+            log(f"[packing check] FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+    del emb, ref
+    free_memory()
+    return rows_out, packing_check
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -417,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-ref", action="store_true", help="time ours only (no reference, no ratio)")
     p.add_argument("--rerank-len", type=int, default=512, help="reranker pair length in tokens (default 512)")
     p.add_argument("--no-rerank", action="store_true")
+    p.add_argument("--no-embed", action="store_true", help="the reranker only")
     p.add_argument("--cap-s", type=float, default=15.0, help="stop a measurement after this many seconds")
     p.add_argument("--budget-s", type=float, default=220.0, help="skip what is left after this many seconds")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: from the device name)")
@@ -444,7 +439,6 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     import operators
-    from operators.embedder import Embedder
 
     try:
         from operators.reranker import Reranker
@@ -462,56 +456,16 @@ def main(argv: list[str] | None = None) -> dict:
         log("WARNING: importing operators pulled in ray; the operators must not need ray at import time")
 
     tmp = tempfile.TemporaryDirectory(prefix="rayembed-gpu-")
-    emb_dir = os.path.join(tmp.name, "emb")
-    t = time.perf_counter()
-    info = make_model_dir(emb_dir, arch, causal_lm=False, dtype=dtype, device=device, seed=args.seed)
-    emb = Embedder(
-        emb_dir,
-        device=device,
-        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
-        batch_tokens=args.batch_tokens,
-        compile=args.compile,
-        packing=args.packing,
-    )
-    ref = None if args.no_ref else Reference(emb_dir, dtype, device)
-    log(
-        f"model: Qwen3 {'smoke' if args.cpu_smoke else args.arch} (hidden {info['hidden']}, {info['layers']} layers, "
-        f"d_attn {info['d_attn']}, {info['non_embedding_params'] / 1e6:.1f}M non-embedding params), random weights; "
-        f"Embedder batch_tokens {emb.batcher.budget}, {args.rows_per_call} rows per call; "
-        f"set up in {time.perf_counter() - t:.1f}s"
-    )
-    log(f"attention: {emb.warmup}")
-
     rng = np.random.default_rng(args.seed)
-    cases: list[tuple[str, list[np.ndarray]]] = [
-        (str(n), fixed_rows(rng, max(REF_BATCH, args.tokens // n), n)) for n in lengths
-    ]
-    if not args.no_mix:
-        cases.append((f"mix{mix[0]:.0f}", mixed_rows(rng, args.tokens // 4, *mix)))  # a quarter: its reference pads
-
     rows_out: list[dict] = []
-    for name, rows in cases:
-        if time.perf_counter() - t_start > args.budget_s:
-            log(f"[{name}] skipped: the {args.budget_s:.0f}s budget is spent")
-            continue
-        try:
-            rows_out.append(run_case(name, rows, emb, ref, info, peak, args))
-        except Exception as e:  # one failed case (an OOM, say) must not cost the others
-            log(f"[{name}] FAILED: {type(e).__name__}: {str(e)[:300]}")
-            free_memory()
-
     packing_check = None
-    if emb.kernel is not None and time.perf_counter() - t_start <= args.budget_s:
-        try:
-            packing_check = check_packing(emb, emb_dir, dtype, device, cases[-1][1], args)
-        except Exception as e:
-            log(f"[packing check] FAILED: {type(e).__name__}: {str(e)[:300]}")
-
-    del emb, ref
-    free_memory()
+    if not args.no_embed:
+        rows_out, packing_check = run_embedder(tmp.name, arch, dtype, device, lengths, mix, rng, peak, args, t_start)
 
     rerank: dict | None = None
     if not args.no_rerank and time.perf_counter() - t_start <= args.budget_s:
+        from gpu_rerank import run_rerank
+
         try:
             rerank = run_rerank(
                 os.path.join(tmp.name, "rerank"), arch, dtype, device, rng, peak, args, Reranker, rerank_import_error
@@ -531,9 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
         ours = f"{r['ours_tok_s']:11.0f} {fmt_mfu(r['ours_flops_s'], peak)} {r['ours_pad_eff']:5.2f}"
         refs = f"{r['ref_tok_s']:11.0f} {fmt_mfu(r['ref_flops_s'], peak)} {r['ref_pad_eff']:5.2f}"
         log(f"{r['case']:>8s} |      {ours} |           {refs} | {r['ratio']:7.2f}x | {r['max_abs_diff']:9.1e}")
-    if rerank:
-        rr_cols = f"{rerank['tok_s']:11.0f} {fmt_mfu(rerank['flops_s'], peak)} {'':5s}"
-        log(f"{'rerank':>8s} |      {rr_cols} | {rerank['impl']}, pairs of {rerank['len']} tokens")
+    for c in (rerank or {}).get("cases", []):
+        rr_cols = f"{c['tok_s']:11.0f} {fmt_mfu(c['flops_s'], peak)} {c['pad_eff']:5.2f}"
+        log(f"{'rr' + c['case']:>8s} |      {rr_cols} | {rerank['impl']}, mean {c['mean_len']:.0f} tokens per pair")
     log(f"wall {time.perf_counter() - t_start:.0f}s")
     summary = {
         "bench": "gpu",
@@ -551,8 +505,8 @@ def main(argv: list[str] | None = None) -> dict:
     if peak:
         for r in rows_out:
             r["ours_mfu"], r["ref_mfu"] = r["ours_flops_s"] / peak, r["ref_flops_s"] / peak
-        if rerank:
-            rerank["mfu"] = rerank["flops_s"] / peak
+        for c in (rerank or {}).get("cases", []):
+            c["mfu"] = c["flops_s"] / peak
     log("JSON " + json.dumps(summary, default=float))
     tmp.cleanup()
     return summary

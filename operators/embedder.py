@@ -12,21 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from operators import DEFAULT_EMBED_MODEL
-from operators.batching import (
-    DEFAULT_BATCH_TOKENS,
-    BatchStats,
-    MicroBatcher,
-    Stager,
-    budget_from_memory,
-    is_oom,
-    pick_device,
-    pick_dtype,
-    runs_padded,
-)
+from operators.batching import pick_device, pick_dtype
 from operators.errors import ConfigError
 from operators.loading import ModelSpec, inspect_model_dir, load_model, load_tokenizer, resolve_model_dir
-from operators.packing import install, make_packed, packed_hidden, resolve_kernel
-from operators.tokenization import DEFAULT_MAX_LENGTH, TextEncoder, ids_from_arrow, ids_to_arrow
+from operators.packing import DeviceRunner
+from operators.tokenization import (
+    DEFAULT_MAX_LENGTH,
+    QWEN_EOD_ID,
+    TextEncoder,
+    effective_max_length,
+    ids_from_arrow,
+    ids_to_arrow,
+)
 
 log = logging.getLogger("rayembed")
 MIN_DIM = 32
@@ -57,13 +54,16 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
 
 
-class Embedder:
+class Embedder(DeviceRunner):
     """Token ids or texts in, unit vectors out, equal to the official Qwen3-Embedding procedure.
 
     ``__init__`` loads the model once per actor; ``__call__`` maps a batch (a ``pyarrow.Table`` or a dict of numpy
     arrays) to the same batch plus an ``embedding`` column. A batch with an ``input_ids`` column (from the tokenize
     stage) is used as is; otherwise ``text_column`` is tokenized here. Rows whose ``error`` column is set get a null
     embedding and are left for the writer to quarantine.
+
+    ``tokenizer=False``: the tokenizer is not loaded at start (a model actor fed token ids never uses it); ``encoder``
+    loads it on first use, so ``embed(texts)`` still works.
     """
 
     def __init__(
@@ -85,6 +85,7 @@ class Embedder:
         spec: ModelSpec | None = None,
         compile: bool | None = None,
         packing: str = "auto",
+        tokenizer: bool = True,
     ):
         self.out_dtype = check_output_dtype(output_dtype)
         self.device = pick_device(device)
@@ -96,89 +97,44 @@ class Embedder:
         self.dim = check_dim(dim, spec.hidden_size)
         self.normalize = normalize
         self.text_column = text_column
-        self.encoder = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
-        self.model = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
-        self.kernel = resolve_kernel(packing, self.device, spec.is_qwen3)
-        if self.kernel is not None:
-            install(self.model)
-        self._eager_model = self.model
-        # Default: compiled on CUDA. It fuses the norm/RoPE/activation kernels that dominate a small model's GPU time
-        # (1.9x on the 0.6B at 512 tokens on an H200). Shapes vary per micro-batch: torch.compile turns dimensions
-        # dynamic after the first recompile, so the cost is the warm-up below, not one compile per shape.
-        self.compiled = bool(self.device.type == "cuda" if compile is None else compile)
-        if self.compiled:
-            self.model = torch.compile(self.model)
-        self.stats = BatchStats()
-        self.stager = Stager(self.device)
-        self.batcher = MicroBatcher(
-            batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats, packed=self.kernel is not None
-        )
-        self.warmup: dict[str, Any] = {
-            "packing": packing,
-            "kernel": self.kernel or "padded",
-            "compiled": self.compiled,
-        }
+        self.instruction = instruction
+        self.max_length = effective_max_length(spec, max_length)
+        self._encoder: TextEncoder | None = None
+        if tokenizer:
+            self.pad_id = self.encoder.pad_id
+        else:
+            # Pads are never attended to (causal right padding, or masked), so any in-vocabulary id gives the same
+            # vectors; Qwen's <|endoftext|> keeps the ids what a loaded tokenizer would pad with.
+            self.pad_id = QWEN_EOD_ID if spec.is_qwen3 and spec.vocab_size > QWEN_EOD_ID else 0
+        loaded = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
+        self._init_runner(loaded, packing=packing, compile=compile, batch_tokens=batch_tokens)
         if self.device.type == "cuda":
-            self._warm_up(size_budget=batch_tokens is None)
+            self._warm_up(min(512, self.max_length), size_budget=batch_tokens is None)
 
     @property
-    def model_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def encoder(self) -> TextEncoder:
+        """The text encoder, its tokenizer loaded on first use."""
+        if self._encoder is None:
+            self._encoder = TextEncoder(
+                load_tokenizer(self.spec), self.spec, max_length=self.max_length, instruction=self.instruction
+            )
+        return self._encoder
 
     # ------------------------------------------------------------------------------------------------ compute
 
-    def _stage(self, rows: list[np.ndarray]) -> dict[str, Any]:
-        """A micro-batch's inputs on the device: packed into one row, or right-padded."""
-        n = len(rows)
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
-        if self.kernel is not None and not runs_padded(lengths):
-            total = int(lengths.sum())
-            host = self.stager.empty((2, total))
-            ids, pos = host[0].numpy(), host[1].numpy()
-            np.concatenate(rows, out=ids, casting="unsafe")
-            ends = np.cumsum(lengths)
-            pos[:] = np.arange(total) - np.repeat(ends - lengths, lengths)
-            cu = self.stager.empty((n + 1,), torch.int32)
-            cu[0] = 0
-            cu[1:] = torch.from_numpy(ends)
-            tensors, event = self.stager.to_device(host, cu)
-            return {"n": n, "tensors": tensors, "event": event, "padded": total, "max_len": int(lengths.max())}
-        host = self.stager.empty((n, int(lengths.max())))
-        ids = host.numpy()
-        ids.fill(self.encoder.pad_id)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = r
-        lens = self.stager.empty((n,))
-        lens.numpy()[:] = lengths
-        tensors, event = self.stager.to_device(host, lens)
-        padded = n * int(lengths.max())
-        return {
-            "n": n,
-            "tensors": tensors,
-            "event": event,
-            "padded": padded,
-            "uniform": lengths.min() == lengths.max(),
-        }
+    def _run_ids(self, rows: list[np.ndarray]) -> np.ndarray:
+        return self.embed_ids(rows)
 
     def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        self.stager.ready(batch["tensors"], batch["event"])
-        n = batch["n"]
-        if "max_len" in batch:
-            host_ids_pos, cu = batch["tensors"]
-            packed = make_packed(cu, batch["max_len"], self.kernel, self._eager_model.config)
-            hidden = packed_hidden(self.model, host_ids_pos[0:1], host_ids_pos[1:2], packed)
-            pooled = hidden[cu[1:].long() - 1]
+        if self.spec.is_qwen3:
+            pooled = self._last_hidden(batch)  # last-token pooling
         else:
+            self.stager.ready(batch["tensors"], batch["event"])
             input_ids, lens = batch["tensors"]
-            mask = None
-            if self.spec.is_qwen3:
-                # Causal attention with right padding: a real token never attends to the pads after it, so the pooled
-                # state is exact without a mask, and SDPA keeps its fused causal kernel. No KV cache is built either.
-                hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-            else:
-                if not batch["uniform"] or self.spec.pooling == "mean":
-                    mask = (torch.arange(input_ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            n, mask = batch["n"], None
+            if not batch["uniform"] or self.spec.pooling == "mean":
+                mask = (torch.arange(input_ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             if self.spec.pooling == "lasttoken":
                 pooled = hidden[torch.arange(n, device=self.device), lens - 1]
             elif self.spec.pooling == "cls":
@@ -189,50 +145,6 @@ class Embedder:
         # MRL: slice first, then normalise (design.md).
         pooled = pooled.float()[:, : self.dim]
         return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
-
-    def _warm_up(self, size_budget: bool) -> None:
-        """Run probe batches before real data: they pay the one-time costs (CUDA context, cuBLAS, ``torch.compile`` of
-        the padded and the packed graph), fall back to eager if compilation fails, and measure the activation memory
-        per token, from which the token budget is sized to the memory free."""
-        probe_len = min(512, self.encoder.max_length)
-        uniform = [np.full(probe_len, self.encoder.pad_id, dtype=np.int64) for _ in range(16)]
-        mixed = [np.full(1 + (probe_len - 1) * k // 15, self.encoder.pad_id, dtype=np.int64) for k in range(16)]
-        torch.cuda.synchronize(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        saved, self.batcher.budget = self.batcher.budget, len(uniform) * probe_len
-        try:
-            self._probe(uniform, mixed)
-        finally:
-            self.batcher.budget = saved
-            self.stats.__init__()  # the probes are not part of the job's statistics
-        per_token = (torch.cuda.max_memory_allocated(self.device) - base) / (len(uniform) * probe_len)
-        free, _total = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        self.warmup.update(bytes_per_token=round(per_token), free_bytes=free, compiled=self.compiled)
-        if size_budget:
-            self.batcher.budget = budget_from_memory(free, per_token)
-        self.warmup["budget"] = self.batcher.budget
-        log.info(
-            "warm-up: %.0f activation bytes/token, %.1f GiB free -> %d batch tokens (%s, %s)",
-            per_token,
-            free / 2**30,
-            self.batcher.budget,
-            self.warmup["kernel"],
-            "compiled" if self.compiled else "eager",
-        )
-
-    def _probe(self, *batches: list[np.ndarray]) -> None:
-        for rows in batches:
-            try:
-                self.embed_ids(rows)
-            except Exception as e:
-                if not self.compiled or is_oom(e):
-                    raise
-                # A missing compiler toolchain or an unsupported op must cost speed, not the job.
-                log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, str(e)[:200])
-                self.model, self.compiled = self._eager_model, False
-                self.embed_ids(rows)
 
     @torch.inference_mode()
     def embed_ids(self, rows: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from operators import storage
+from operators import modelcache, storage
 from operators.errors import ModelLoadError, RayembedError
 
 QWEN_EOD_TOKEN = "<|endoftext|>"
@@ -71,7 +71,7 @@ def resolve_model_dir(
     only = METADATA_PATTERNS if metadata_only else None
     if scheme in _REMOTE_SCHEMES and scheme not in ("hf", "http", "https"):
         try:
-            path, _ = storage.copy_prefix_to_cache(source, cache_dir or default_cache_dir(), storage_options, only)
+            path, _ = modelcache.copy_prefix_to_cache(source, cache_dir or default_cache_dir(), storage_options, only)
         except RayembedError as e:
             raise ModelLoadError(f"cannot load model {source!r}: {e}") from None
         except Exception as e:  # network / credentials: still one line
@@ -157,9 +157,20 @@ def inspect_model_dir(path: str, source: str | None = None, require_weights: boo
 
 
 def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
+    """The model's fast tokenizer: the Rust ``tokenizers.Tokenizer`` of its tokenizer.json, parsed once.
 
+    transformers' ``AutoTokenizer`` parses the same file twice (its added tokens in Python, then the whole file in
+    Rust) and imports torch on the way; the encoders need only the Rust tokenizer. A directory without tokenizer.json
+    goes through ``AutoTokenizer`` (which converts a slow tokenizer when it can) and its fast tokenizer is returned.
+    """
+    path = os.path.join(spec.path, "tokenizer.json")
     try:
+        if os.path.isfile(path):
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(path)
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(spec.path, use_fast=True)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {spec.source!r}: {storage.describe_error(e)}") from None
@@ -192,3 +203,46 @@ def load_model(spec: ModelSpec, *, dtype, device, causal_lm: bool = False, trust
     except Exception as e:
         raise ModelLoadError(f"cannot load model {spec.source!r}: {storage.describe_error(e)}") from None
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------------ reranker
+
+
+def check_qwen3(spec: ModelSpec) -> None:
+    if not spec.is_qwen3:
+        raise ModelLoadError(
+            f"model {spec.source!r} (model_type {spec.model_type!r}) is not a Qwen3 model; the reranker needs a "
+            "Qwen3-Reranker checkpoint (Qwen3ForCausalLM), e.g. Qwen/Qwen3-Reranker-0.6B"
+        )
+
+
+def check_reranker_dir(spec: ModelSpec) -> None:
+    """A reranker needs a Qwen3 causal LM whose ``lm_head`` is in the checkpoint (or tied to the embeddings)."""
+    check_qwen3(spec)
+    if spec.architectures and not any(a.endswith("ForCausalLM") for a in spec.architectures):
+        raise ModelLoadError(
+            f"model {spec.source!r} is a {', '.join(spec.architectures)} checkpoint without a language-model head; "
+            "the reranker needs Qwen3ForCausalLM weights, e.g. Qwen/Qwen3-Reranker-0.6B"
+        )
+    with open(os.path.join(spec.path, "config.json")) as f:
+        tied = json.load(f).get("tie_word_embeddings", True)
+    if not tied and "lm_head.weight" not in _checkpoint_keys(spec.path):
+        raise ModelLoadError(
+            f"model {spec.source!r} has an untied lm_head but no lm_head.weight in its safetensors; it would be "
+            "randomly initialised. Is it an embedding model? The reranker needs a Qwen3-Reranker checkpoint"
+        )
+
+
+def _checkpoint_keys(path: str) -> set[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return set(json.load(f).get("weight_map", {}))
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="numpy") as f:  # keys only: no torch
+                keys.update(f.keys())
+    return keys

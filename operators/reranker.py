@@ -8,138 +8,69 @@ Qwen3 contract (design.md), equal to the official transformers procedure:
   keeping its first tokens (the official ``truncation='longest_first'`` on a single sequence);
 - score = softmax over the logits of ``no`` and ``yes`` at the last position, probability of ``yes``.
 
-Only those two logits are computed: the backbone's hidden state at each row's last real token times a cached
-``[2, hidden]`` slice of ``lm_head`` (rows ``no``, ``yes``). The full-vocabulary head is never run, and the rest of an
-untied ``lm_head`` is dropped after loading.
+Tokenization is ``operators.tokenization.PairEncoder``, which a job's CPU tokenize stage runs on its own; the model
+actor then needs no tokenizer (``tokenizer=False``). Only the two answer logits are computed: the backbone's hidden
+state at each row's last real token times a cached ``[2, hidden]`` slice of ``lm_head`` (rows ``no``, ``yes``). The
+full-vocabulary head is never run, and the rest of an untied ``lm_head`` is dropped after loading.
 
-Rows are right-padded. With causal attention a real token never attends to a later position, so the padding after a
-row cannot change its last real token's hidden state: no attention mask is needed, and SDPA keeps its causal fast
-path. Positions then start at 0 for every row, as they do for an unpadded sequence.
+Rows run as the embedder's do (``operators.packing.DeviceRunner``): length-sorted micro-batches within a token
+budget, the input order restored; padding-free packed on CUDA (``packing="auto"``, or the exact per-sequence loop
+with ``packing="on"`` anywhere), right-padded otherwise. Under causal attention a real token never attends to a later
+position, so the padding after a row cannot change its last real token's hidden state: no mask is needed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from operators import DEFAULT_INSTRUCTION
-from operators.batching import DEFAULT_BATCH_TOKENS, BatchStats, MicroBatcher, pad_batch, pick_device, pick_dtype
+from operators import DEFAULT_RERANK_MODEL
+from operators.batching import pick_device, pick_dtype
 from operators.errors import ConfigError, InvalidInputError, ModelLoadError
 from operators.loading import (
-    QWEN_EOD_TOKEN,
     ModelSpec,
+    check_reranker_dir,
     inspect_model_dir,
     load_model,
     load_tokenizer,
     resolve_model_dir,
 )
+from operators.packing import DeviceRunner
+from operators.tokenization import (
+    DEFAULT_RERANK_MAX_LENGTH,
+    QWEN_EOD_ID,
+    QWEN_NO_ID,
+    QWEN_YES_ID,
+    RERANK_BODY,
+    RERANK_PREFIX,
+    RERANK_SUFFIX,
+    EncodedPairs,
+    PairEncoder,
+    field_error,
+    format_body,
+)
 
 log = logging.getLogger("rayembed")
-
-DEFAULT_RERANK_MODEL = "Qwen/Qwen3-Reranker-0.6B"
-DEFAULT_RERANK_MAX_LENGTH = 8192
-RERANK_PREFIX = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
-)
-RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
-# The answer tokens in the Qwen vocabulary; the ids are looked up in the tokenizer and checked against these.
-QWEN_YES_ID = 9693
-QWEN_NO_ID = 2152
 
 Batch = pa.Table | dict[str, Any]
 
 
-def format_body(instruction: str, query: str, doc: str) -> str:
-    return RERANK_BODY.format(instruction=instruction, query=query, doc=doc)
-
-
-def field_error(field: str, value: Any) -> str | None:
-    """Why a query or doc value cannot be scored, or None. The empty string is valid."""
-    if value is None:
-        return f"{field} is null"
-    if not isinstance(value, str):
-        return f"{field} is a {type(value).__name__}, not a string"
-    return None
-
-
-@dataclass
-class EncodedPairs:
-    ids: list[np.ndarray]  # int32 per row: prefix + body + suffix; empty for rows skipped or with an error
-    truncated: np.ndarray  # bool per row
-    errors: list[str | None]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.ids), dtype=np.int32, count=len(self.ids))
-
-    def raise_first_error(self) -> None:
-        for i, err in enumerate(self.errors):
-            if err is not None:
-                raise InvalidInputError(f"row {i}: {err}; expected a string")
-
-
-def _token_id(tokenizer, token: str, expected: int, source: str) -> int:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(tid, int) or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
-        raise ModelLoadError(f"model {source!r}: the tokenizer has no {token!r} token; is it a Qwen3-Reranker?")
-    if tid != expected:
-        log.warning("model %r: token %r has id %d, not the Qwen id %d", source, token, tid, expected)
-    return int(tid)
-
-
-def check_reranker_dir(spec: ModelSpec) -> None:
-    """A reranker needs a Qwen3 causal LM whose ``lm_head`` is in the checkpoint (or tied to the embeddings)."""
-    if not spec.is_qwen3:
-        raise ModelLoadError(
-            f"model {spec.source!r} (model_type {spec.model_type!r}) is not a Qwen3 model; the reranker needs a "
-            "Qwen3-Reranker checkpoint (Qwen3ForCausalLM), e.g. Qwen/Qwen3-Reranker-0.6B"
-        )
-    if spec.architectures and not any(a.endswith("ForCausalLM") for a in spec.architectures):
-        raise ModelLoadError(
-            f"model {spec.source!r} is a {', '.join(spec.architectures)} checkpoint without a language-model head; "
-            "the reranker needs Qwen3ForCausalLM weights, e.g. Qwen/Qwen3-Reranker-0.6B"
-        )
-    with open(os.path.join(spec.path, "config.json")) as f:
-        tied = json.load(f).get("tie_word_embeddings", True)
-    if not tied and "lm_head.weight" not in _checkpoint_keys(spec.path):
-        raise ModelLoadError(
-            f"model {spec.source!r} has an untied lm_head but no lm_head.weight in its safetensors; it would be "
-            "randomly initialised. Is it an embedding model? The reranker needs a Qwen3-Reranker checkpoint"
-        )
-
-
-def _checkpoint_keys(path: str) -> set[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return set(json.load(f).get("weight_map", {}))
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                keys.update(f.keys())
-    return keys
-
-
-class Reranker:
+class Reranker(DeviceRunner):
     """(query, doc) pairs in, relevance scores in [0, 1] out, equal to the official Qwen3-Reranker procedure.
 
     ``__init__`` loads the model once per actor; ``__call__`` maps a batch (a ``pyarrow.Table`` or a dict of numpy
     arrays) with ``query`` and ``doc`` columns to the same batch plus a float32 ``score`` column. Rows whose ``error``
     column is set get a null score (NaN in a dict batch) and are left for the writer to quarantine; any other null or
     non-string query or doc raises a one-line ``InvalidInputError`` naming its row and field.
+
+    ``tokenizer=False``: no tokenizer at start (an actor fed ids from ``PairEncoder`` never uses one); the answer
+    ids are then ``answer_ids`` (``(no, yes)``, default the Qwen ids; pass ``PairEncoder.answer_ids``), and
+    ``encoder`` loads the tokenizer on first use, checking it agrees, so ``score(pairs)`` still works.
     """
 
     def __init__(
@@ -157,6 +88,10 @@ class Reranker:
         query_column: str = "query",
         doc_column: str = "doc",
         spec: ModelSpec | None = None,
+        compile: bool | None = None,
+        packing: str = "auto",
+        tokenizer: bool = True,
+        answer_ids: tuple[int, int] | None = None,
     ):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -165,24 +100,18 @@ class Reranker:
             spec = inspect_model_dir(path, source=model)
         check_reranker_dir(spec)
         self.spec = spec
-        self.instruction = instruction or DEFAULT_INSTRUCTION
+        self.instruction = instruction
+        self.max_length = int(max_length)
         self.query_column = query_column
         self.doc_column = doc_column
-
-        self.tokenizer = tok = load_tokenizer(spec)
-        self.yes_id = _token_id(tok, "yes", QWEN_YES_ID, spec.source)
-        self.no_id = _token_id(tok, "no", QWEN_NO_ID, spec.source)
-        self.prefix_ids = np.asarray(tok.encode(RERANK_PREFIX, add_special_tokens=False), dtype=np.int32)
-        self.suffix_ids = np.asarray(tok.encode(RERANK_SUFFIX, add_special_tokens=False), dtype=np.int32)
-        self.max_length = int(max_length)
-        self.body_max = self.max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        if self.body_max < 1:
-            raise ConfigError(
-                f"max_length {max_length} leaves no room for the pair: the reranker prompt alone is "
-                f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens"
-            )
-        eod = tok.convert_tokens_to_ids(QWEN_EOD_TOKEN)
-        self.pad_id = int(eod if isinstance(eod, int) and eod != tok.unk_token_id else tok.pad_token_id or 0)
+        self._encoder: PairEncoder | None = None
+        if tokenizer:
+            self.no_id, self.yes_id = self.encoder.answer_ids
+            self.pad_id = self.encoder.pad_id
+        else:
+            self.no_id, self.yes_id = answer_ids or (QWEN_NO_ID, QWEN_YES_ID)
+            # Causal right padding: a pad is never attended to; <|endoftext|> is what a loaded tokenizer pads with.
+            self.pad_id = QWEN_EOD_ID if spec.vocab_size > QWEN_EOD_ID else 0
 
         lm = load_model(
             spec, dtype=self.dtype, device=self.device, causal_lm=True, trust_remote_code=trust_remote_code
@@ -197,63 +126,60 @@ class Reranker:
         # The only two rows of lm_head the score needs: [no, yes], kept in float32 (the logits are computed in fp32).
         self.head = head.weight.detach()[[self.no_id, self.yes_id]].float().contiguous()
         # Keep the backbone alone; an untied lm_head (1.2 GB for the 8B in bf16) is freed with the wrapper.
-        self.model = lm.model
+        backbone = lm.model
         del lm, head
+        self._init_runner(backbone, packing=packing, compile=compile, batch_tokens=batch_tokens)
+        if self.device.type == "cuda":
+            self._warm_up(min(512, self.max_length), size_budget=batch_tokens is None)
 
-        self.stats = BatchStats()
-        self.batcher = MicroBatcher(batch_tokens or DEFAULT_BATCH_TOKENS[self.device.type], self.stats)
+    @property
+    def encoder(self) -> PairEncoder:
+        """The pair encoder, its tokenizer loaded on first use."""
+        if self._encoder is None:
+            enc = PairEncoder(
+                load_tokenizer(self.spec),
+                source=self.spec.source,
+                instruction=self.instruction,
+                max_length=self.max_length,
+            )
+            if hasattr(self, "head") and enc.answer_ids != (self.no_id, self.yes_id):
+                raise ModelLoadError(
+                    f"model {self.spec.source!r}: the tokenizer's (no, yes) ids are {enc.answer_ids}, but the scores "
+                    f"read {(self.no_id, self.yes_id)}; pass answer_ids=PairEncoder.answer_ids"
+                )
+            self._encoder = enc
+        return self._encoder
+
+    # The prompt's pieces, as the encoder has them (kept as attributes of the reranker for its users).
+    prefix_ids = property(lambda self: self.encoder.prefix_ids)
+    suffix_ids = property(lambda self: self.encoder.suffix_ids)
+    body_max = property(lambda self: self.encoder.body_max)
 
     @property
     def model_bytes(self) -> int:
         """Bytes of the weights held: the backbone plus the two-row head."""
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return params + self.head.numel() * self.head.element_size()
-
-    # ------------------------------------------------------------------------------------------------ tokenize
+        return super().model_bytes + self.head.numel() * self.head.element_size()
 
     def encode(self, queries: Sequence[Any], docs: Sequence[Any], valid: np.ndarray | None = None) -> EncodedPairs:
-        """Token ids of prefix + body + suffix per pair. Rows with ``valid`` False are skipped and not checked."""
-        if len(queries) != len(docs):
-            raise InvalidInputError(f"got {len(queries)} queries but {len(docs)} docs; they must pair up")
-        n = len(queries)
-        errors: list[str | None] = [None] * n
-        for i in range(n):
-            if valid is None or valid[i]:
-                errors[i] = field_error("query", queries[i]) or field_error("doc", docs[i])
-        good = [i for i in range(n) if errors[i] is None and (valid is None or valid[i])]
-        ids: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * n
-        truncated = np.zeros(n, dtype=bool)
-        if good:
-            bodies = [format_body(self.instruction, queries[i], docs[i]) for i in good]
-            raw = self.tokenizer(bodies, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            for i, body in zip(good, raw, strict=True):
-                if len(body) > self.body_max:
-                    truncated[i] = True
-                    body = body[: self.body_max]
-                ids[i] = np.concatenate([self.prefix_ids, np.asarray(body, dtype=np.int32), self.suffix_ids])
-        return EncodedPairs(ids=ids, truncated=truncated, errors=errors)
+        """Token ids of prefix + body + suffix per pair (``PairEncoder.encode``)."""
+        return self.encoder.encode(queries, docs, valid)
 
     # ------------------------------------------------------------------------------------------------ compute
 
-    def _last_hidden(self, rows: list[np.ndarray]) -> torch.Tensor:
-        """The backbone's final (normed) hidden state at each row's last real token, [B, hidden]."""
-        ids, lengths = pad_batch(rows, self.pad_id)
-        input_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-        last = torch.from_numpy(lengths - 1).to(self.device, non_blocking=True)
-        # Right padding + causal attention: no mask needed (module docstring). No KV cache either.
-        hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        return hidden[torch.arange(len(rows), device=self.device), last]
+    def _run_ids(self, rows: list[np.ndarray]) -> np.ndarray:
+        return self.score_ids(rows)
 
-    def _forward(self, rows: list[np.ndarray]) -> torch.Tensor:
-        logits = self._last_hidden(rows).float() @ self.head.T  # [B, 2]: no, yes
+    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        logits = self._last_hidden(batch).float() @ self.head.T  # [B, 2]: no, yes
         return torch.log_softmax(logits, dim=-1)[:, 1].exp()
 
     @torch.inference_mode()
     def score_ids(self, rows: Sequence[np.ndarray]) -> np.ndarray:
-        """[n] float32 scores for rows of token ids (as made by ``encode``), in input order."""
+        """[n] float32 scores for rows of token ids (as made by ``encode``), in input order: the rows run in
+        length-sorted micro-batches within the token budget, packed on CUDA."""
         if len(rows) == 0:
             return np.zeros(0, dtype=np.float32)
-        out = self.batcher.run(list(rows), self._forward)
+        out = self.batcher.run(list(rows), self._forward, self._stage)
         return out.cpu().numpy().astype(np.float32, copy=False)
 
     def score(self, pairs_or_queries: Any, docs: Sequence[Any] | None = None) -> np.ndarray:
@@ -308,7 +234,10 @@ def _column_values(col, is_table: bool) -> list[Any]:
 
 
 __all__ = [
+    "DEFAULT_RERANK_MAX_LENGTH",
     "DEFAULT_RERANK_MODEL",
+    "PairEncoder",
+    "field_error",
     "RERANK_BODY",
     "RERANK_PREFIX",
     "RERANK_SUFFIX",

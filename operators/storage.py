@@ -5,22 +5,17 @@ Everything goes through ``fsspec.url_to_fs`` so local paths, ``file://``, ``s3:/
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import fnmatch
-import hashlib
-import http.client
 import io
 import json
 import os
 import posixpath
-import random
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import fsspec
@@ -127,17 +122,9 @@ def describe_error(e: BaseException) -> str:
 
 _RETRY_LOCK = threading.Lock()
 _RETRIES: collections.Counter[str] = collections.Counter()  # this process's retries since the last take_retries()
-_THROTTLE_CODES = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "TooManyRequests",
-    "ServiceUnavailable",
-    "InternalError",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-}
+def count_retry(kind: str) -> None:
+    with _RETRY_LOCK:
+        _RETRIES[kind] += 1
 
 
 def take_retries() -> int:
@@ -148,86 +135,9 @@ def take_retries() -> int:
     return n
 
 
-def _retry_kind(e: BaseException) -> str | None:
-    """The cause to name when ``e`` is transient (throttling, 5xx, a reset connection), else None."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
-    from botocore.parsers import ResponseParserError
-
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {}) or {}
-        code = str(err.get("Code", ""))
-        status = int((e.response.get("ResponseMetadata", {}) or {}).get("HTTPStatusCode") or 0)
-        if code in _THROTTLE_CODES or status in (500, 502, 503, 504):
-            return f"{code or status} (HTTP {status})" if status else code
-        return None
-    if isinstance(e, EndpointConnectionError):
-        # "Could not connect" covers a refused connection (wrong endpoint: fail fast) and a reset one (retry).
-        cause = str(getattr(e, "kwargs", {}).get("error", "")).lower()
-        return "connection error (reset)" if "reset" in cause or "disconnect" in cause else "connect"
-    transient = (HTTPClientError, ResponseParserError, ConnectionError, TimeoutError, http.client.IncompleteRead)
-    if isinstance(e, transient):
-        return f"connection error ({type(e).__name__})"
-    mod = type(e).__module__ or ""
-    if mod.startswith("aiohttp") and type(e).__name__ in (
-        "ServerDisconnectedError",
-        "ClientOSError",
-        "ClientPayloadError",
-        "ServerTimeoutError",
-    ):
-        return f"connection error ({type(e).__name__})"
-    return None
-
-
-try:
-    import s3fs
-    from fsspec.asyn import sync_wrapper
-    from s3fs.core import translate_boto_error
-except ImportError:  # no s3fs: s3:// URLs fail in get_fs with a clear message
-    s3fs = None
-
-if s3fs is not None:
-
-    class RetryingS3FileSystem(s3fs.S3FileSystem):
-        """s3fs whose every S3 call retries throttling (503 SlowDown, 5xx) and reset connections with exponential
-        backoff and full jitter until ``retry_budget`` seconds have passed since the call's first failure; then it
-        raises a StorageError that names the cause. Retries are counted per process (``take_retries``)."""
-
-        def __init__(self, *args: Any, retry_budget: float = DEFAULT_RETRY_BUDGET, **kwargs: Any):
-            self.retry_budget = float(retry_budget)
-            super().__init__(*args, **kwargs)
-
-        async def _call_s3(self, method, *akwarglist, **kwargs):
-            await self.set_session()
-            s3 = await self.get_s3(kwargs.get("Bucket"))
-            fn = getattr(s3, method)
-            call_kwargs = self._get_s3_method_kwargs(fn, *akwarglist, **kwargs)
-            deadline, attempt = None, 0
-            while True:
-                try:
-                    return await fn(**call_kwargs)
-                except Exception as e:
-                    kind = _retry_kind(e)
-                    if kind is None or (kind == "connect" and attempt + 1 >= CONNECT_RETRIES):
-                        raise translate_boto_error(e) from e
-                    now = time.monotonic()
-                    deadline = deadline if deadline is not None else now + self.retry_budget
-                    if now >= deadline:
-                        where = f"{kwargs.get('Bucket', '')}/{kwargs.get('Key', '')}".rstrip("/")
-                        raise StorageError(
-                            f"S3 {method} {where} still failing after {attempt} retries within the "
-                            f"{self.retry_budget:g}s retry budget (--retry-budget): {kind}: {describe_error(e)}"
-                        ) from None
-                    attempt += 1
-                    with _RETRY_LOCK:
-                        _RETRIES[kind] += 1
-                    # Full jitter: uniform in [0, min(cap, base * 2**attempt)], never past the deadline.
-                    delay = random.uniform(0, min(5.0, 0.05 * 2**attempt))
-                    await asyncio.sleep(max(0.0, min(delay, deadline - now)))
-
-        call_s3 = sync_wrapper(_call_s3)  # the base class binds its own _call_s3 here (S3File uses it)
-
-    fsspec.register_implementation("s3", RetryingS3FileSystem, clobber=True)
-    fsspec.register_implementation("s3a", RetryingS3FileSystem, clobber=True)
+# s3:// and s3a:// go through RetryingS3FileSystem (operators/s3retry.py), imported only when an S3 URL is opened.
+fsspec.register_implementation("s3", "operators.s3retry.RetryingS3FileSystem", clobber=True)
+fsspec.register_implementation("s3a", "operators.s3retry.RetryingS3FileSystem", clobber=True)
 
 
 # --------------------------------------------------------------------------------------------------- shard listing
@@ -259,7 +169,7 @@ def _skipped(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
-def _version(info: dict[str, Any]) -> str:
+def object_version(info: dict[str, Any]) -> str:
     for key in ("ETag", "etag", "md5Hash", "generation"):
         if info.get(key):
             return str(info[key]).strip('"')
@@ -320,7 +230,7 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict[str, Any] | N
         if stem in stems:
             raise ConfigError(f"inputs {stems[stem]!r} and {url!r} map to the same output name {stem!r}; rename one")
         stems[stem] = url
-        shards.append(Shard(url, stem, kind[0], kind[1], int(info.get("size") or 0), _version(info)))
+        shards.append(Shard(url, stem, kind[0], kind[1], int(info.get("size") or 0), object_version(info)))
     return shards
 
 
@@ -406,6 +316,22 @@ def list_files(prefix: str, pattern: str = "*", storage_options: dict[str, Any] 
     return sorted(unstrip(fs, n) for n in names if fnmatch.fnmatch(posixpath.basename(n), pattern))
 
 
+def list_prefix(directory: str, name_prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URLs of the files directly under ``directory`` whose name starts with ``name_prefix``. On S3 this is one
+    delimited listing with a server-side prefix (a page per 1,000 matches): its cost does not grow with the rest of
+    the directory, which is what keeps a shard commit cheap beside millions of other parts."""
+    fs, path = get_fs(directory, storage_options)
+    path = path.rstrip("/")
+    try:
+        if _protocol(directory) in ("s3", "s3a"):
+            names = fs.find(path, maxdepth=1, prefix=name_prefix)
+        else:
+            names = [n for n in fs.ls(path, detail=False) if posixpath.basename(n).startswith(name_prefix)]
+    except FileNotFoundError:
+        return []
+    return sorted(unstrip(fs, n) for n in names)
+
+
 def remove(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> None:
     for url in urls:
         fs, path = get_fs(url, storage_options)
@@ -419,18 +345,7 @@ def abort_uploads(prefix: str, storage_options: dict[str, Any] | None = None) ->
     if is_local(prefix) or _protocol(prefix) not in ("s3", "s3a"):
         return 0
     fs, path = get_fs(prefix, storage_options)
-    bucket, _, key = path.partition("/")
-    key = key.rstrip("/") + "/"
-    n, markers = 0, {}
-    while True:
-        resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key, **markers)
-        for up in resp.get("Uploads", []) or []:
-            with contextlib.suppress(Exception):
-                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
-                n += 1
-        if not resp.get("IsTruncated"):
-            return n
-        markers = {"KeyMarker": resp["NextKeyMarker"], "UploadIdMarker": resp["NextUploadIdMarker"]}
+    return fs.abort_uploads(path) if hasattr(fs, "abort_uploads") else 0  # operators/s3retry.py's filesystem
 
 
 def is_within(child: str, parent: str) -> bool:
@@ -444,57 +359,38 @@ def is_within(child: str, parent: str) -> bool:
     return norm(child).startswith(norm(parent))
 
 
-# -------------------------------------------------------------------------------------------- model directory copies
 
+@dataclass(frozen=True)
+class Location:
+    """A storage prefix bound to its fsspec options once, so callers pass one object instead of (url, options).
+    Paths given to its methods are relative to the prefix. ``options`` never reach logs or records (repr=False)."""
 
-def prefix_fingerprint(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, list[tuple[str, int]]]:
-    """A digest of a remote prefix's listing (names, sizes, ETags) and the files to copy."""
-    fs, path = get_fs(url, storage_options)
-    try:
-        detail = fs.find(path, detail=True)
-    except Exception as e:
-        raise StorageError(f"cannot list model prefix {url!r}: {describe_error(e)}") from None
-    files = sorted(
-        (posixpath.relpath(p, path.rstrip("/")), i) for p, i in detail.items() if i.get("type") != "directory"
-    )
-    if not files:
-        raise StorageError(f"model prefix {url!r} is empty or does not exist")
-    h = hashlib.sha256(url.encode())
-    for rel, info in files:
-        h.update(f"\0{rel}\0{info.get('size')}\0{_version(info)}".encode())
-    return h.hexdigest()[:16], [(rel, int(info.get("size") or 0)) for rel, info in files]
+    url: str
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
+    def join(self, *parts: str) -> str:
+        return join(self.url, *parts)
 
-def copy_prefix_to_cache(
-    url: str, cache_root: str, storage_options: dict[str, Any] | None = None, only: Sequence[str] | None = None
-) -> tuple[str, bool]:
-    """Copy a remote model prefix into ``cache_root`` once per machine; returns (local dir, copied by this call).
+    def child(self, *parts: str) -> Location:
+        return Location(self.join(*parts), self.options)
 
-    Concurrent callers (actors on one node) serialise on an flock; the first copies into a temp dir and renames it,
-    the others find the finished copy. The cache key includes the listing's ETags, so a changed model is re-copied.
-    ``only`` (fnmatch patterns) copies a subset, e.g. the tokenizer and config files for CPU-only stages.
-    """
-    import fcntl
+    def read_json(self, rel: str) -> Any | None:
+        return read_json(self.join(rel), self.options)
 
-    key, files = prefix_fingerprint(url, storage_options)
-    if only is not None:
-        files = [(rel, size) for rel, size in files if any(fnmatch.fnmatch(rel, pat) for pat in only)]
-        key += "-" + hashlib.sha256("\0".join(only).encode()).hexdigest()[:8]
-    os.makedirs(cache_root, exist_ok=True)
-    name = posixpath.basename(url.rstrip("/")) or "model"
-    final = os.path.join(cache_root, f"{name}-{key}")
-    with open(os.path.join(cache_root, f".{name}-{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if os.path.isdir(final):
-                return final, False
-            fs, path = get_fs(url, storage_options)
-            tmp = tempfile.mkdtemp(dir=cache_root, prefix=f".{name}-{key}-")
-            for rel, _size in files:
-                dest = os.path.join(tmp, rel)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                fs.get_file(posixpath.join(path.rstrip("/"), rel), dest)
-            os.replace(tmp, final)
-            return final, True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    def write_json(self, rel: str, obj: Any) -> None:
+        write_json(self.join(rel), obj, self.options)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return read_bytes(self.join(rel), self.options)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        write_bytes(self.join(rel), data, self.options)
+
+    def exists(self, rel: str = "") -> bool:
+        return exists(self.join(rel) if rel else self.url, self.options)
+
+    def list(self, rel: str = "", pattern: str = "*") -> list[str]:
+        return list_files(self.join(rel) if rel else self.url, pattern, self.options)
+
+    def remove(self, rels: Sequence[str]) -> None:
+        remove([self.join(r) for r in rels], self.options)

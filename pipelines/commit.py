@@ -17,7 +17,7 @@ from typing import Any
 from operators import __version__, storage
 from operators.errors import ConfigError
 from operators.storage import Shard
-from pipelines.stages import part_pattern
+from pipelines.parts import part_pattern
 
 MANIFEST_FORMAT = "rayembed.manifest/1"
 MARKER_FORMAT = "rayembed.shard/1"
@@ -101,12 +101,14 @@ def commit_shard(
         "version": __version__,
     }
     storage.write_json(marker_url(output, progress.shard.stem), marker, storage_options)
+    # Parts of earlier attempts at this shard that this attempt did not rewrite: one prefix listing per directory,
+    # whatever else the output holds (never a listing of all of data/).
     keep = set(files) | set(error_files)
     pattern = part_pattern(progress.shard.stem)
     for sub in ("data", "_errors"):
         stale = [
             u
-            for u in storage.list_files(storage.join(output, sub), f"{progress.shard.stem}-*", storage_options)
+            for u in storage.list_prefix(storage.join(output, sub), f"{progress.shard.stem}-", storage_options)
             if pattern.search(u) and f"{sub}/{u.rstrip('/').rsplit('/', 1)[-1]}" not in keep
         ]
         storage.remove(stale, storage_options)

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,7 @@ class Lease:
     heartbeat: float = DEFAULT_LEASE_HEARTBEAT
     storage_options: dict[str, Any] | None = None
     info: dict[str, Any] | None = None  # extra fields recorded for `rayembed status` (the input, say)
+    progress: Callable[[], dict[str, Any]] | None = None  # a running job's progress, written with each heartbeat
 
     def __post_init__(self) -> None:
         self.job_id = uuid.uuid4().hex[:12]
@@ -94,6 +96,7 @@ class Lease:
             "ttl_s": self.ttl,
             "heartbeat_s": self.heartbeat,
             **(self.info or {}),
+            **({"progress": self.progress()} if self.progress is not None else {}),
         }
 
     def acquire(self) -> Lease:

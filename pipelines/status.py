@@ -21,13 +21,10 @@ import pyarrow.parquet as pq
 
 from operators import storage
 from operators.errors import RayembedError
-from pipelines import commit
+from operators.rows import SHARD_ERROR_TYPES
+from pipelines import commit, progress
 from pipelines.config import parse_storage_options
 from pipelines.lease import describe_holder, lease_state, lease_url
-
-# The error types of pipelines/stages.py read_shard's shard-level record (an unreadable or truncated shard, a missing
-# column, a text column that is not a string). Row-level types (InvalidText, MalformedJSON, ...) are not failures.
-SHARD_ERROR_TYPES = frozenset({"CorruptShard", "MissingColumn", "InvalidColumn"})
 
 
 def shard_failures(
@@ -100,6 +97,8 @@ def collect_status(
             "heartbeat_age_s": round(time.time() - float(lease.get("heartbeat_at", 0)), 1),
             "ttl_s": lease.get("ttl_s"),
             "outcome": lease.get("outcome"),
+            "job": lease.get("job"),
+            "progress": lease.get("progress") if state == "live" else None,
         }
     if manifest is not None:
         report["manifest"] = {"written_at": manifest.get("written_at"), "totals": manifest.get("totals")}
@@ -137,6 +136,8 @@ def format_status(r: dict[str, Any]) -> str:
             f"  lease: {lease['state']}, held by {describe_holder(lease)}, "
             f"last heartbeat {lease['heartbeat_age_s']:.0f}s ago (ttl {lease['ttl_s']:g}s)"
         )
+        if lease.get("progress"):
+            lines.append(f"  progress ({lease.get('job') or 'job'}): {progress.describe(lease['progress'])}")
     m = r["manifest"]
     if m is None:
         lines.append("  manifest: none (the job has not finished successfully yet)")
@@ -147,6 +148,22 @@ def format_status(r: dict[str, Any]) -> str:
             f"quarantined, {t['files']} files"
         )
     return "\n".join(lines)
+
+
+def add_parser(sub: Any) -> None:
+    """The ``rayembed status`` subcommand."""
+    p = sub.add_parser(
+        "status",
+        help="progress of an output: shards done / pending / stale, rows, quarantine, lease holder",
+        description="Report on a job's output prefix, while the job runs or after it ended: shards done "
+        "(markers), pending and stale (when the input is known: from --input, the lease or the manifest), rows "
+        "written and quarantined, the lease holder and the manifest totals.",
+    )
+    p.add_argument("output", help="the job's --output prefix")
+    p.add_argument("--input", help="input shards (default: the input recorded in the lease or manifest)")
+    p.add_argument("--storage-options", help="JSON object passed to fsspec, as for embed")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=run_status)
 
 
 def run_status(args: Any) -> int:

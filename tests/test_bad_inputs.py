@@ -37,15 +37,20 @@ import pytest
 
 from operators.storage import list_shards
 from pipelines import cli
-from pipelines.stages import read_shard
+from pipelines.jobs.embed_stages import read_shard
 from tests.corpus import EN, make_docs, write_jsonl_gz, write_parquet
 
 MAX_LENGTH = 64  # the 1 MB text is cut to 63 tokens + EOS, and every forward pass stays cheap on CPU
 ROWS_PER_BLOCK = 4  # several blocks per shard: the truncated gzip has embedded rows before its error record
 BIG_TEXT = ((EN + " ") * (2**20 // len(EN) + 1))[: 2**20]  # 1 MiB of ASCII
 
-# Shard-level error types written by pipelines.stages.read_shard.
+# Shard-level error types written by pipelines.jobs.embed_stages.read_shard.
 SHARD_LEVEL = {"CorruptShard", "MissingColumn", "InvalidColumn"}
+# Shards the reader cannot open or finish: one shard-level record each (truncated-gzip after the rows it read).
+FAILED_SHARDS = {"zero-bytes", "truncated-parquet", "truncated-gzip", "not-gzip", "garbage", "no-id-column"}
+FAILED_SHARDS |= {"no-text-column", "int-text"}
+# The rows (offsets) of the other shards that must be quarantined; every other row must be embedded.
+BAD_ROWS = {"invalid-utf8": {1}, "malformed-json": {1, 2}, "null-text": {1}, "no-id-field": {0, 1}}
 
 
 def _jsonl(path: Path, lines: list[bytes | str | dict]) -> None:
@@ -60,11 +65,6 @@ def _jsonl(path: Path, lines: list[bytes | str | dict]) -> None:
 def _truncate(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-
-
-def _read(path: Path) -> list[pa.Table]:
-    (shard,) = list_shards(str(path))
-    return list(read_shard(shard, id_column="id", text_column="text", passthrough=(), rows_per_block=ROWS_PER_BLOCK))
 
 
 def _make_inputs(inp: Path) -> dict[str, list[dict]]:
@@ -207,16 +207,20 @@ def _assert_shard_failed(job: Job, stem: str, error_type: str, *needles: str, of
 
 def test_every_shard_committed_and_nothing_lost(job):
     """Every input shard has a marker; markers agree with the files on disk; manifest totals are the markers' sums;
-    for each row-level shard, rows written + rows quarantined == the rows in the input."""
+    for each shard read to its end, exactly its valid rows are written and exactly its invalid rows quarantined."""
     stems = {s.stem for s in list_shards(str(job.inp))}
     assert set(job.markers) == stems and set(job.manifest["shards"]) == stems
     for stem, m in job.markers.items():
         assert m["rows"] == len(job.ids(stem)), stem
         assert m["errors"] == len(job.errors.get(stem, [])), stem
-    shard_level = {s for s, recs in job.errors.items() if any(r["error_type"] in SHARD_LEVEL for r in recs)}
-    for stem, docs in job.docs.items():
-        if stem not in shard_level:
-            assert job.markers[stem]["rows"] + job.markers[stem]["errors"] == len(docs), stem
+    assert all(job.errors[stem][-1]["error_type"] in SHARD_LEVEL for stem in FAILED_SHARDS)
+    # Exactly the good rows written, in order, and the bad ones quarantined (a null text embedded as "" adds up too).
+    for stem in sorted(job.docs.keys() - FAILED_SHARDS):
+        docs, bad = job.docs[stem], BAD_ROWS.get(stem, set())
+        good = [d for k, d in enumerate(docs) if k not in bad]
+        assert all(isinstance(d["text"], str) and d["id"] is not None for d in good), stem  # the table fits the docs
+        assert job.ids(stem) == [d["id"] for d in good], stem
+        assert [r["row_offset"] for r in job.errors.get(stem, [])] == sorted(bad), stem
     totals = job.manifest["totals"]
     assert totals["shards"] == len(stems)
     assert totals["rows"] == sum(m["rows"] for m in job.markers.values()) == sum(len(t) for t in job.data.values())
@@ -371,13 +375,12 @@ def test_status_lists_exactly_the_failed_shards(job):
     from pipelines.status import collect_status
 
     report = collect_status(str(job.out))
-    failed = {"zero-bytes", "truncated-parquet", "truncated-gzip", "not-gzip", "garbage", "no-id-column"}
-    failed |= {"no-text-column", "int-text"}
-    assert [f["shard"] for f in report["failed"]] == sorted(failed)
+    assert [f["shard"] for f in report["failed"]] == sorted(FAILED_SHARDS)
     for f in report["failed"]:
         rec = job.errors[f["shard"]][-1]
         assert f == {"shard": f["shard"], **{k: rec[k] for k in ("row_offset", "error_type", "message")}}
-    assert report["done"] == len(job.markers) - len(failed) and report["pending"] == [] and report["stale"] == []
+    assert report["done"] == len(job.markers) - len(FAILED_SHARDS)
+    assert report["pending"] == [] and report["stale"] == []
     assert report["truncated"] == sum(m["truncated"] for m in job.markers.values()) > 0
 
 

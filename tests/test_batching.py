@@ -1,4 +1,8 @@
-"""Token-budget micro-batching: vectors independent of the budget, input order restored, OOM backoff."""
+"""Token-budget micro-batching: vectors independent of the budget, input order restored, OOM backoff.
+
+Expected vectors come from the transformers model called on each text alone (``reference``), never through
+``MicroBatcher``: with the batcher on both sides, a bug that returns rows in length-sorted order passed unnoticed.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from operators.batching import OOM_HOOK_ENV, BatchStats, MicroBatcher, pad_batch, plan_microbatches
 from operators.embedder import Embedder
 from operators.errors import ConfigError
+from tests.qwen_fixtures import EOD_ID
 
 ATOL = 1e-4
 SENTENCES = [
@@ -73,8 +79,24 @@ def fresh(emb: Embedder, budget: int) -> BatchStats:
 
 
 @pytest.fixture(scope="module")
-def one_by_one(embedder, ids) -> np.ndarray:
-    """Ground truth: every row alone, no padding at all (budget 1 runs each row by itself)."""
+def reference(qwen_model_dir, texts) -> np.ndarray:
+    """Ground truth with neither ``MicroBatcher`` nor ``Embedder``: the transformers model called on each text alone
+    (one forward per text, no padding), tokenized as the Qwen3 contract says (no special tokens, then
+    <|endoftext|>), the last token's state L2-normalised. An ordering bug in the batcher cannot shift both sides."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(qwen_model_dir)
+    model = AutoModel.from_pretrained(qwen_model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"] + [EOD_ID]
+            hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+            out.append(F.normalize(hidden.float(), dim=0).numpy())
+    return np.stack(out)
+
+
+def test_budget_1_runs_each_row_alone(embedder, ids, reference):
     stats = fresh(embedder, 1)
     log = record_forwards(embedder)
     try:
@@ -83,10 +105,11 @@ def one_by_one(embedder, ids) -> np.ndarray:
         del embedder._forward
     assert [n for n, _ in log] == [1] * len(ids)
     assert stats.forwards == len(ids) and stats.padded_tokens == stats.tokens
-    return out
+    diff = np.abs(out - reference).max()
+    assert diff <= ATOL, f"max diff {diff:.2e}"
 
 
-def test_batch_sizes_1_7_64_give_equal_vectors(embedder, ids, one_by_one):
+def test_batch_sizes_7_and_64_give_the_reference_vectors(embedder, ids, reference):
     longest = max(len(r) for r in ids)
     for budget, expected_sizes in [(7 * longest, None), (64 * longest, [64])]:
         stats = fresh(embedder, budget)
@@ -104,26 +127,26 @@ def test_batch_sizes_1_7_64_give_equal_vectors(embedder, ids, one_by_one):
         assert stats.forwards == len(sizes) and sum(sizes) == len(ids)
         assert all(padded <= budget for _, padded in log)
         assert stats.padded_tokens > stats.tokens  # ragged batches really were padded
-        diff = np.abs(out - one_by_one).max()
+        diff = np.abs(out - reference).max()
         assert diff <= ATOL, f"budget {budget}: max diff {diff:.2e}"
 
 
-def test_order_restored_under_sorting(embedder, ids, one_by_one):
+def test_order_restored_under_sorting(embedder, ids, reference):
     rng = np.random.default_rng(3)
     perm = rng.permutation(len(ids))
     fresh(embedder, 8192)
     out = embedder.embed_ids([ids[i] for i in perm])
-    assert np.abs(out - one_by_one[perm]).max() <= ATOL
+    assert np.abs(out - reference[perm]).max() <= ATOL
     # Rows with different texts give different vectors, so a swap would be caught.
-    assert np.abs(one_by_one[1:] - one_by_one[:-1]).max(axis=1).min() > 100 * ATOL
+    assert np.abs(reference[1:] - reference[:-1]).max(axis=1).min() > 100 * ATOL
 
 
-def test_embed_texts_vs_ids(embedder, texts, one_by_one):
+def test_embed_texts_vs_ids(embedder, texts, reference):
     fresh(embedder, 8192)
-    assert np.abs(embedder.embed(texts) - one_by_one).max() <= ATOL
+    assert np.abs(embedder.embed(texts) - reference).max() <= ATOL
 
 
-def test_oom_backoff_same_result(embedder, ids, one_by_one, monkeypatch, no_endless_retries):
+def test_oom_backoff_same_result(embedder, ids, reference, monkeypatch, no_endless_retries):
     longest = max(len(r) for r in ids)
     threshold = 3 * longest
     monkeypatch.setenv(OOM_HOOK_ENV, str(threshold))
@@ -140,12 +163,12 @@ def test_oom_backoff_same_result(embedder, ids, one_by_one, monkeypatch, no_endl
     assert stats.budgets and stats.budgets == sorted(stats.budgets, reverse=True)
     assert all(padded <= threshold for _, padded in log)  # only passes that fit ran
     assert sum(n for n, _ in log) == len(ids) and stats.rows == len(ids)
-    assert np.abs(out - one_by_one).max() <= ATOL
+    assert np.abs(out - reference).max() <= ATOL
     # The smaller budget is kept: a second call needs no more retries.
     retries = stats.oom_retries
     out2 = embedder.embed_ids(ids)
     assert stats.oom_retries == retries
-    assert np.abs(out2 - one_by_one).max() <= ATOL
+    assert np.abs(out2 - reference).max() <= ATOL
 
 
 # ------------------------------------------------------------------------------------ MicroBatcher without a model

@@ -241,6 +241,20 @@ def test_table_call_matches_reference(embedder, texts, ref_pooled, subset):
     assert np.abs(got - expected).max() <= ATOL
 
 
+def test_ids_only_embedder_loads_no_tokenizer(qwen_model_dir, embedder, texts, ref_pooled, subset):
+    """``tokenizer=False`` (the model actor, fed ids by the tokenize stage): no tokenizer at start, the same vectors
+    from ids, and ``embed(texts)`` still works for a direct user (the tokenizer is loaded then)."""
+    emb = Embedder(qwen_model_dir, device="cpu", dtype="float32", tokenizer=False)
+    assert emb._encoder is None and emb.pad_id == embedder.pad_id == EOD_ID
+    expected = F.normalize(ref_pooled[subset], p=2, dim=1).numpy()
+    rows = [texts[i] for i in subset]
+    got = emb.embed_ids(embedder.encoder.encode(rows).ids)
+    assert emb._encoder is None
+    assert np.abs(got - expected).max() <= ATOL
+    assert np.abs(emb.embed(rows) - expected).max() <= ATOL
+    assert emb._encoder is not None and emb.encoder.max_length == 8192
+
+
 @pytest.mark.parametrize("task", [DEFAULT_INSTRUCTION, "Given a code question, retrieve code that answers it"])
 def test_instructed_queries_match_reference(qwen_model_dir, reference, query_embedder, task):
     if task == DEFAULT_INSTRUCTION:

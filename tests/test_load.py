@@ -143,10 +143,23 @@ SPILL_FAILURE = re.compile(
 )
 
 
-def test_200k_docs_bounded_driver_memory_and_object_store(load_corpus, tiny_model_dir, ray_local, tmp_path, capsys):
+def _expected_tokens(corpus: str, tokenizer) -> int:
+    """Tokens the job must count, from the tokenizer alone: each text without special tokens, plus <|endoftext|>."""
+    total = 0
+    for name in sorted(os.listdir(corpus)):
+        texts = pq.read_table(os.path.join(corpus, name), columns=["text"])["text"].to_pylist()
+        total += sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return total
+
+
+def test_200k_docs_bounded_driver_memory_and_object_store(
+    load_corpus, tiny_model_dir, qwen_tokenizer, ray_local, tmp_path, capsys
+):
     out = str(tmp_path / "out")
     log = _raylet_log()
-    log_start = os.path.getsize(log) if log else 0
+    # The spill-failure check reads this log: without it the check would pass having read nothing.
+    assert log is not None, "raylet.out not found in the Ray session's logs: the spill-failure check cannot run"
+    log_start = os.path.getsize(log)
     sampler = _Sampler()
     spilled_before = sampler.store_stats().spilled_bytes_total
     rss_before_kb = _rss_kb("VmRSS")
@@ -175,11 +188,9 @@ def test_200k_docs_bounded_driver_memory_and_object_store(load_corpus, tiny_mode
     stdout, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
 
-    new_log = ""
-    if log:
-        with open(log, errors="replace") as f:
-            f.seek(log_start)
-            new_log = f.read()
+    with open(log, errors="replace") as f:
+        f.seek(log_start)
+        new_log = f.read()
     spill_failures = [line for line in new_log.splitlines() if SPILL_FAILURE.search(line)]
     spilled = sampler.spilled_bytes - spilled_before
 
@@ -189,7 +200,7 @@ def test_200k_docs_bounded_driver_memory_and_object_store(load_corpus, tiny_mode
         f"{N_DOCS / wall:,.0f} docs/s; driver RSS {rss_before_kb / mb:.0f} MB before, peak {peak_kb / mb:.0f} MB "
         f"(+{(peak_kb - rss_before_kb) / mb:.0f} MB; VmHWM reset: {hwm_reset}); object store peak "
         f"{sampler.store_peak / 2**20:.1f} MiB of {sampler.store_capacity / 2**20:.0f} MiB, "
-        f"{spilled / 2**20:.1f} MiB spilled, {len(spill_failures) if log else 'no raylet.out:'} spill failures logged "
+        f"{spilled / 2**20:.1f} MiB spilled, {len(spill_failures)} spill failures logged "
         f"({sampler.samples} samples, {len(sampler.errors)} failed)\n{stdout.strip()}"
     )
 
@@ -198,19 +209,17 @@ def test_200k_docs_bounded_driver_memory_and_object_store(load_corpus, tiny_mode
     ids = table["id"].to_numpy()
     assert len(ids) == N_DOCS
     assert np.array_equal(np.sort(ids), np.arange(N_DOCS)), "every id must be written exactly once"
-    totals = manifest["totals"]
-    assert totals == {
+    tokens = _expected_tokens(load_corpus, qwen_tokenizer)
+    assert tokens >= 6 * N_DOCS  # a few words each, plus <|endoftext|>
+    assert manifest["totals"] == {
         "shards": N_SHARDS,
         "rows": N_DOCS,
         "errors": 0,
-        "tokens": totals["tokens"],
+        "tokens": tokens,
         "files": len(manifest["files"]),
     }
-    summary = (
-        f"{N_SHARDS} shards ({N_SHARDS} processed, 0 already committed), {N_DOCS} docs, {totals['tokens']} tokens"
-    )
+    summary = f"{N_SHARDS} shards ({N_SHARDS} processed, 0 already committed), {N_DOCS} docs, {tokens} tokens"
     assert summary in stdout, stdout
-    assert totals["tokens"] >= 6 * N_DOCS  # a few words each, plus <|endoftext|>
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
 
     # Bounded memory.

@@ -15,7 +15,7 @@ import pytest
 from operators.embedder import Embedder
 from operators.errors import ConfigError, InvalidInputError, ModelLoadError
 from operators.loading import inspect_model_dir
-from operators.storage import copy_prefix_to_cache
+from operators.modelcache import copy_prefix_to_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,7 +79,7 @@ def test_s3_missing_prefix(s3_server, s3_model, tmp_path, monkeypatch):
 # (path, copied, start, end) as JSON.
 _COPY_CHILD = """
 import json, os, sys, time
-from operators.storage import copy_prefix_to_cache
+from operators.modelcache import copy_prefix_to_cache
 url, cache_root, opts, ready, go = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
 open(ready, "w").close()
 deadline = time.monotonic() + 60

@@ -67,17 +67,25 @@ def test_local_end_to_end(tmp_path, qwen_model_dir, reference, ray_local, capsys
     assert f"5 shards (5 processed, 0 already committed), {len(docs)} docs" in stdout
     assert manifest["totals"]["tokens"] == sum(len(x) for x in reference.encoder.encode([d["text"] for d in docs]).ids)
 
-    # The README's DuckDB query works on the files as written: no conversion step.
+    # The README's DuckDB query works on the files as written (no conversion step) and ranks as the reference does:
+    # a query vector from the operator run directly, not from the output, and the top 5 by cosine computed in numpy
+    # from the reference vectors. (A vector's cosine with itself is 1 whatever the files hold.)
     import duckdb
 
     glob = f"{out}/data/*.parquet"
-    first = table["id"][0].as_py()
-    query = f"(SELECT embedding FROM read_parquet('{glob}') WHERE id = {first})"
-    best = duckdb.execute(
-        f"SELECT id, list_cosine_similarity(embedding, {query}) AS sim FROM read_parquet('{glob}') "
-        "ORDER BY sim DESC LIMIT 1"
+    ref = _ref(reference, docs)
+    qvec = reference.embed(["Which city is the capital of China?"])[0]
+    literal = "[" + ", ".join(f"{x:.9g}" for x in qvec) + f"]::FLOAT[{len(qvec)}]"
+    top = duckdb.execute(
+        f"SELECT id, list_cosine_similarity(embedding, {literal}) AS sim FROM read_parquet('{glob}') "
+        "ORDER BY sim DESC LIMIT 5"
     ).fetchall()
-    assert best[0][0] == first and abs(best[0][1] - 1.0) < 1e-5
+    sims = {i: float(v @ qvec) for i, v in ref.items()}  # unit vectors: the cosine is the dot product
+    assert len(top) == 5 and len({i for i, _ in top}) == 5
+    for i, sim in top:  # each row's score is its reference vector's
+        assert abs(sim - sims[i]) <= 1e-5, (i, sim, sims[i])
+    # ... and they are the top 5 (up to the tolerance: random-weight vectors sit close together).
+    assert max(sims[i] for i in sims.keys() - {i for i, _ in top}) <= top[-1][1] + 1e-5
     assert duckdb.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == len(docs)
 
     # A rerun of a finished job processes nothing and rewrites no data file.

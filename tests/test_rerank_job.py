@@ -210,7 +210,7 @@ def test_rerank_bad_arguments(case, expect, tmp_path, qwen_lm_dir, qwen_model_di
 def test_reader_groups_pairs_and_counts_units(tmp_path):
     """No Ray: a pair shard becomes one row per query (any row order), every input row is accounted for."""
     from operators.storage import list_shards
-    from pipelines.rerank import Columns, read_rerank_shard
+    from pipelines.jobs.rerank_read import Columns, read_rerank_shard
 
     _write_inputs(str(tmp_path))
     for shard in list_shards(str(tmp_path)):
@@ -240,9 +240,13 @@ def test_gpu_stage_builds_with_an_explicit_batch_size(tmp_path, qwen_lm_dir, ray
     """Ray Data refuses ``batch_size=None`` for a stage that requests GPUs; the graph must build (not run) with one."""
     from operators.storage import list_shards
     from pipelines.config import build_rerank_config
-    from pipelines.rerank import build_rerank_dataset, check_rerank_model
+    from pipelines.jobs.rerank import RerankJob
+    from pipelines.runner import build_graph
 
     _write_inputs(str(tmp_path))
-    cfg = build_rerank_config({"input": str(tmp_path), "output": str(tmp_path / "out"), "num_gpus": 1})
-    model = check_rerank_model(qwen_lm_dir, None, None)
-    build_rerank_dataset(cfg, list_shards(str(tmp_path)), model)
+    cfg = build_rerank_config(
+        {"input": str(tmp_path), "output": str(tmp_path / "out"), "num_gpus": 1, "model": qwen_lm_dir}
+    )
+    job = RerankJob(cfg)
+    shards = list_shards(str(tmp_path))
+    build_graph(job, job.plan(shards), shards)

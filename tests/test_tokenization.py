@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +15,7 @@ import pytest
 
 from operators import DEFAULT_INSTRUCTION
 from operators.embedder import Embedder
-from operators.loading import ModelSpec
+from operators.loading import ModelSpec, inspect_model_dir, load_tokenizer
 from operators.tokenization import TextEncoder, ids_from_arrow, ids_to_arrow, qwen_query
 from tests.qwen_fixtures import EOD_ID
 
@@ -122,7 +127,7 @@ def embedder(qwen_model_dir) -> Embedder:
     return Embedder(qwen_model_dir, device="cpu", dtype="float32")
 
 
-def test_one_megabyte_text_truncated_to_max_length(embedder):
+def test_one_megabyte_text_truncated_to_max_length(embedder, qwen_tokenizer):
     unit = "The quick brown fox jumps over the lazy dog. 北京是中国的首都。 x = f(y) + 42\n"
     big = unit * (1_000_000 // len(unit.encode()) + 1)
     assert len(big.encode()) >= 1_000_000
@@ -132,7 +137,7 @@ def test_one_megabyte_text_truncated_to_max_length(embedder):
     assert len(enc.ids[0]) == max_length and enc.ids[0][-1] == EOD_ID
     assert enc.truncated.tolist() == [True, False]
     # The kept content is the prefix of the full tokenization.
-    head = embedder.encoder.tokenizer.encode(big[:20_000], add_special_tokens=False)
+    head = qwen_tokenizer.encode(big[:20_000], add_special_tokens=False)
     assert enc.ids[0][:1000].tolist() == head[:1000]
 
     before = embedder.stats.truncated
@@ -149,6 +154,86 @@ def test_truncation_keeps_max_length_minus_one_content_tokens(qwen_tokenizer):
     assert enc.truncated.tolist() == [False, False, True]
     with pytest.raises(Exception, match="max_length must be at least 2"):
         TextEncoder(qwen_tokenizer, QWEN_SPEC, max_length=1)
+
+
+# ------------------------------------------------------------------------------------------------ load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _auto_ids(path: str, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)(texts, add_special_tokens=False)["input_ids"]
+
+
+def _qwen2_layout(src: str, dst) -> str:
+    """The fixture's tokenizer laid out as the real Qwen3 checkpoints ship it: ``tokenizer_class`` Qwen2Tokenizer
+    (transformers rebuilds the backend from the vocabulary) and the added tokens listed in tokenizer_config.json."""
+    os.makedirs(dst, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(src, "tokenizer.json")) as f:
+        added = json.load(f)["added_tokens"]
+    cfg = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "model_max_length": 131072,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+        "added_tokens_decoder": {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for t in added
+        },
+    }
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+def test_load_tokenizer_ids_equal_auto_tokenizer(qwen_model_dir, tmp_path):
+    """load_tokenizer reads tokenizer.json into the Rust tokenizer alone; its ids equal AutoTokenizer's, for the
+    fixture's layout and for the real checkpoints' (Qwen2Tokenizer, whose backend transformers rebuilds)."""
+    texts = [*MIXED, "<|im_start|>user\nhi<|im_end|>", "<think>\n\n</think>\n\n", "yes no Yes", "a\r\n\tb  c"]
+    for path in (qwen_model_dir, _qwen2_layout(qwen_model_dir, tmp_path / "qwen2")):
+        spec = inspect_model_dir(path, require_weights=False)
+        tok = load_tokenizer(spec)
+        assert type(tok).__module__.startswith("tokenizers")  # not a transformers wrapper
+        ours = [x.tolist() for x in TextEncoder(tok, spec).encode(texts).ids]
+        assert ours == [[*ids, EOD_ID] for ids in _auto_ids(path, texts)], path
+
+
+def test_load_tokenizer_without_tokenizer_json_uses_auto_tokenizer(minilm_dir, tmp_path):
+    """A directory with only the slow files (vocab.txt) still loads: AutoTokenizer converts it."""
+    d = tmp_path / "minilm-slow"
+    shutil.copytree(minilm_dir, d)
+    os.unlink(d / "tokenizer.json")
+    spec = inspect_model_dir(str(d))
+    fast, slow = (
+        TextEncoder(load_tokenizer(inspect_model_dir(minilm_dir)), spec),
+        TextEncoder(load_tokenizer(spec), spec),
+    )
+    assert [x.tolist() for x in slow.encode(MIXED).ids] == [x.tolist() for x in fast.encode(MIXED).ids]
+    assert slow.max_length == fast.max_length == 256 and slow.pad_id == fast.pad_id == 0
+
+
+def test_tokenize_path_imports_neither_torch_nor_transformers(qwen_model_dir):
+    """What a CPU tokenize stage runs: loading the tokenizer and encoding texts and pairs."""
+    code = (
+        "import sys\n"
+        "from operators.loading import inspect_model_dir, load_tokenizer\n"
+        "from operators.tokenization import PairEncoder, TextEncoder\n"
+        f"spec = inspect_model_dir({qwen_model_dir!r}, require_weights=False)\n"
+        "assert TextEncoder(load_tokenizer(spec), spec).encode(['The capital']).ids[0].tolist()[0] == 785\n"
+        "assert len(PairEncoder(load_tokenizer(spec)).encode(['q'], ['d']).ids[0]) > 48\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------------------------- Arrow transport

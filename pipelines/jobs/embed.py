@@ -1,0 +1,206 @@
+"""The embed job: read (CPU tasks) -> tokenize (CPU tasks) -> embed (model actor pool) -> write parts (CPU tasks).
+
+Everything else (listing, lease, markers, commits, the error gate, the manifest) is pipelines/runner.py's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from operators import MIN_DIM, __version__, rows
+from operators.errors import ConfigError
+from operators.storage import Shard
+from pipelines import commit, testhooks
+from pipelines.config import DEFAULT_EMBED_BLOCKS_PER_CALL, EmbedJobConfig
+from pipelines.jobs.embed_stages import EmbedStage, read_shards, tokenize_block, write_parts
+from pipelines.runner import Plan, RunStats, Stage
+from pipelines.runtime import actor_threads, gpus_per_actor
+
+log = logging.getLogger("rayembed")
+
+
+def model_info(cfg: EmbedJobConfig) -> dict[str, Any]:
+    """Validate the model on the driver from its configs alone (no weights), so bad options fail before Ray work."""
+    from operators.loading import inspect_model_dir, resolve_model_dir
+
+    path = resolve_model_dir(cfg.model, revision=cfg.revision, storage_options=cfg.options, metadata_only=True)
+    spec = inspect_model_dir(path, source=cfg.model, require_weights=False)
+    dim = cfg.dim or spec.hidden_size
+    if not MIN_DIM <= dim <= spec.hidden_size:
+        raise ConfigError(f"--dim must be in {MIN_DIM}..{spec.hidden_size} (the model's hidden size), got {dim}")
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        config_digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return {
+        "source": cfg.model,
+        "revision": cfg.revision,
+        "family": spec.family,
+        "pooling": spec.pooling,
+        "hidden_size": spec.hidden_size,
+        "dim": dim,
+        "config_sha256": config_digest,
+    }
+
+
+def check_columns(shard: Shard, cfg: EmbedJobConfig) -> None:
+    """Fail fast on a missing id/text column, from the first shard's schema or first line."""
+    names = rows.first_columns(shard, cfg.options)
+    if names is None:
+        return  # an unreadable shard is quarantined per shard by the reader, not fatal here
+    for role, col in (("--id-column", cfg.id_column), ("--text-column", cfg.text_column)):
+        if col not in names:
+            raise ConfigError(f"{role} {col!r} not found in {shard.url} (columns: {', '.join(names)})")
+    missing = [c for c in cfg.passthrough if c not in names]
+    if missing:
+        raise ConfigError(f"--passthrough column(s) {', '.join(missing)} not found in {shard.url}")
+
+
+@dataclass(frozen=True)
+class EmbedResources:
+    num_gpus: float
+    num_cpus: float
+    threads: int
+    batch_rows: int
+
+
+def embed_resources(cfg: EmbedJobConfig) -> EmbedResources:
+    """What each model actor books from Ray, the torch threads it runs, and the rows it takes per call."""
+    num_gpus = gpus_per_actor(cfg.num_gpus)
+    on_gpu = num_gpus > 0 and cfg.device not in ("cpu",)
+    threads = actor_threads(cfg.threads, cfg.num_cpus, on_gpu, cfg.address, cfg.concurrency[1])
+    blocks = DEFAULT_EMBED_BLOCKS_PER_CALL["gpu" if num_gpus > 0 else "cpu"]
+    batch_rows = cfg.embed_batch_rows or blocks * cfg.rows_per_block
+    return EmbedResources(num_gpus=num_gpus, num_cpus=cfg.num_cpus, threads=threads, batch_rows=batch_rows)
+
+
+class EmbedJob:
+    name = "embed"
+
+    def __init__(self, cfg: EmbedJobConfig):
+        self.cfg = cfg
+
+    def inputs(self) -> dict[str, tuple[str, ...]]:
+        return {"--input": self.cfg.input}
+
+    def plan(self, shards: list[Shard]) -> Plan:
+        cfg = self.cfg
+        model = model_info(cfg)
+        check_columns(shards[0], cfg)
+        key = commit.output_key(
+            {
+                "model": model["source"],
+                "revision": cfg.revision,
+                "config_sha256": model["config_sha256"],
+                "dim": model["dim"],
+                "instruction": cfg.instruction,
+                "max_length": cfg.max_length,
+                "output_dtype": cfg.output_dtype,
+                "id_column": cfg.id_column,
+                "text_column": cfg.text_column,
+                "passthrough": list(cfg.passthrough),
+            }
+        )
+        return Plan(key=key, model=model, config=cfg.public())
+
+    def metadata(self, model: dict[str, Any]) -> dict[str, str]:
+        cfg = self.cfg
+        return {
+            "rayembed.version": __version__,
+            "rayembed.model": cfg.model,
+            "rayembed.revision": cfg.revision or "",
+            "rayembed.dim": str(model["dim"]),
+            "rayembed.normalized": "l2",
+            "rayembed.pooling": model["pooling"],
+            "rayembed.instruction": cfg.instruction or "",
+            "rayembed.max_length": str(cfg.max_length),
+            "rayembed.dtype": cfg.output_dtype,
+        }
+
+    def stages(self, plan: Plan) -> list[Stage]:
+        cfg, so = self.cfg, self.cfg.options
+        res = embed_resources(cfg)
+        log.info(
+            "embed stage: %s actors, %g GPUs and %g CPUs booked each, %d torch threads, %d rows per call",
+            "..".join(map(str, dict.fromkeys(cfg.concurrency))),
+            res.num_gpus,
+            res.num_cpus,
+            res.threads,
+            res.batch_rows,
+        )
+        # OMP_NUM_THREADS in the actor's environment, for torch and any other OpenMP code there. The actor's remote
+        # arguments then differ from the tasks', which also keeps Ray Data from fusing the read and tokenize tasks into
+        # the actor (it fuses task -> actor maps with equal remote arguments, as on CPU): fused, every shard was read
+        # and tokenized inside the actor, one after the other, all behind its start-up.
+        actor_env = {"OMP_NUM_THREADS": str(res.threads)}
+        if os.environ.get(testhooks.READY_FILE_ENV):
+            actor_env[testhooks.READY_FILE_ENV] = os.environ[testhooks.READY_FILE_ENV]
+        read = {
+            "id_column": cfg.id_column,
+            "text_column": cfg.text_column,
+            "passthrough": cfg.passthrough,
+            "rows_per_block": cfg.rows_per_block,
+            "storage_options": so,
+        }
+        tokenize = {
+            "model": cfg.model,
+            "revision": cfg.revision,
+            "max_length": cfg.max_length,
+            "instruction": cfg.instruction,
+            "text_column": cfg.text_column,
+            "drop_text": cfg.text_column not in cfg.passthrough,
+            "storage_options": so,
+        }
+        embed = {
+            "model": cfg.model,
+            "dim": plan.model["dim"],
+            "instruction": cfg.instruction,
+            "max_length": cfg.max_length,
+            "batch_tokens": cfg.batch_tokens,
+            "device": cfg.device,
+            "dtype": cfg.dtype,
+            "output_dtype": cfg.output_dtype,
+            "revision": cfg.revision,
+            "trust_remote_code": cfg.trust_remote_code,
+            "storage_options": so,
+            "compile": cfg.compile,
+            "packing": cfg.packing,
+            "threads": res.threads,
+        }
+        write = {
+            "output": cfg.output,
+            "id_column": cfg.id_column,
+            "passthrough": cfg.passthrough,
+            "metadata": self.metadata(plan.model),
+            "storage_options": so,
+            "rows_per_part": cfg.rows_per_block,
+        }
+        return [
+            Stage("read", read_shards, batch_size=1, batch_format="numpy", kwargs=read),
+            Stage("tokenize", tokenize_block, kwargs=tokenize),
+            # Ray Data requires an explicit batch size for GPU stages. A batch may join rows of several shards or
+            # split a block; the writer cuts each shard's rows back into parts named by their first row offset.
+            Stage(
+                "embed",
+                EmbedStage,
+                batch_size=res.batch_rows,
+                kwargs=embed,
+                actors=cfg.concurrency,
+                num_gpus=res.num_gpus,
+                num_cpus=res.num_cpus,
+                env=actor_env,
+            ),
+            Stage("write", write_parts, kwargs=write),
+        ]
+
+    def summary(self, stats: RunStats, plan: Plan) -> list[str]:
+        c = stats.counts
+        rate = c["tokens"] / stats.elapsed if stats.elapsed > 0 else 0.0
+        return [
+            f"rayembed embed: {stats.shards} shards ({stats.processed} processed, {stats.skipped} already committed), "
+            f"{c['rows']} docs, {c['tokens']} tokens, {rate:,.0f} tokens/s, {c['files']} files written, "
+            f"{c['errors']} rows quarantined, {c['truncated']} truncated, {c['retries']} storage retries, "
+            f"{stats.elapsed:.1f}s -> {stats.output}"
+        ]

@@ -1,0 +1,354 @@
+"""The per-block steps of the embed graph: read a shard, tokenize, embed, write parts.
+
+Every block carries ``_shard`` (the shard's stem), ``_offset`` (row number in the shard) and ``error`` /
+``error_type`` (null for good rows), so a bad row travels to the writer and is quarantined instead of lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators import rows, storage
+from operators.bisect import bisect_call, describe
+from operators.storage import Shard
+from operators.tokenization import Encoded, TextEncoder, ids_to_arrow, text_error
+from pipelines import parts, telemetry
+
+log = logging.getLogger("rayembed")
+
+
+# ------------------------------------------------------------------------------------------------------------ read
+
+
+def _table(recs: list[dict[str, Any]], stem: str, columns: list[str], shard_rows: int) -> pa.Table:
+    data: dict[str, Any] = {"_shard": pa.array([stem] * len(recs), pa.string())}
+    data["_offset"] = pa.array([r["_offset"] for r in recs], pa.int64())
+    data["_shard_rows"] = pa.array([shard_rows] * len(recs), pa.int64())
+    for c in columns:
+        values = [r.get(c) for r in recs]
+        try:
+            data[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # Mixed JSON types in one column (ints and strings): keep them as JSON text rather than lose rows.
+            data[c] = pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values])
+    data["error"] = pa.array([r.get("error") for r in recs], pa.string())
+    data["error_type"] = pa.array([r.get("error_type") for r in recs], pa.string())
+    return pa.table(data)
+
+
+def _jsonl_rows(f, columns: list[str], id_column: str, text_column: str) -> Iterator[dict[str, Any]]:
+    for offset, obj, err_type, msg in rows.jsonl_records(f):
+        if obj is None:
+            yield {"_offset": offset, "error": msg, "error_type": err_type}
+            continue
+        if obj.get(id_column) is None:
+            yield {"_offset": offset, "error": f"line has no {id_column!r} value", "error_type": "MissingId"}
+            continue
+        row = {c: obj.get(c) for c in columns}
+        row["_offset"] = offset
+        err = text_error(row[text_column])
+        if err is not None:
+            # Judge the text before Arrow sees it: a mixed-type column would otherwise coerce 5 into "5".
+            row.update(error=err, error_type="InvalidText")
+            row[text_column] = None
+        yield row
+
+
+def _parquet_blocks(f, shard: Shard, columns: list[str], text_column: str, rows_per_block: int, done: int):
+    for t in rows.parquet_tables(f, columns, rows_per_block, string_columns=[text_column]):
+        n = len(t)
+        yield pa.table(
+            {
+                "_shard": pa.array([shard.stem] * n, pa.string()),
+                "_offset": pa.array(np.arange(done, done + n), pa.int64()),
+                "_shard_rows": pa.array([-1] * n, pa.int64()),
+                **{c: t[c] for c in columns},
+                "error": pa.nulls(n, pa.string()),
+                "error_type": pa.nulls(n, pa.string()),
+            }
+        )
+        done += n
+
+
+def _stamp(t: pa.Table, total: int) -> pa.Table:
+    i = t.schema.get_field_index("_shard_rows")
+    return t.set_column(i, "_shard_rows", pa.array([total] * len(t), pa.int64()))
+
+
+def read_shard(
+    shard: Shard,
+    *,
+    id_column: str,
+    text_column: str,
+    passthrough: tuple[str, ...],
+    rows_per_block: int,
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[pa.Table]:
+    """Blocks of at most ``rows_per_block`` rows. The last block carries the shard's row count in ``_shard_rows``
+    (-1 before); an unreadable or truncated shard ends with one shard-level error row."""
+    columns = list(dict.fromkeys([id_column, text_column, *passthrough]))
+    done = 0
+    pending: pa.Table | None = None  # held back one block, so the last one can carry the row count
+    buf: list[dict[str, Any]] = []  # JSONL rows read but not yet in a block
+
+    def push(block: pa.Table) -> Iterator[pa.Table]:
+        nonlocal pending, done
+        if pending is not None:
+            yield pending
+        pending, done = block, done + len(block)
+
+    try:
+        with storage.open_input(shard, storage_options) as f:
+            if shard.fmt == "parquet":
+                for block in _parquet_blocks(f, shard, columns, text_column, rows_per_block, done):
+                    yield from push(block)
+            else:
+                for row in _jsonl_rows(f, columns, id_column, text_column):
+                    buf.append(row)
+                    if len(buf) >= rows_per_block:
+                        yield from push(_table(buf, shard.stem, columns, -1))
+                        buf = []
+                if buf:
+                    yield from push(_table(buf, shard.stem, columns, -1))
+                    buf = []
+    except Exception as e:
+        if buf:  # the lines read before the stream broke are good rows: keep them
+            yield from push(_table(buf, shard.stem, columns, -1))
+        if pending is not None:
+            yield pending
+        kind, msg = rows.shard_error(e, done)
+        yield _table([{"_offset": done, "error": msg, "error_type": kind}], shard.stem, columns, done + 1)
+        return
+    # An empty shard yields nothing; the driver commits it with zero rows once the whole run has succeeded.
+    if pending is not None:
+        yield _stamp(pending, done)
+
+
+def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
+    """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
+    for i in range(len(batch["url"])):
+        for block in read_shard(parts.shard_from_item(batch, i), **kwargs):
+            telemetry.record(telemetry.ROWS_READ, len(block), stage="read")
+            yield parts.add_retries(block)
+
+
+# -------------------------------------------------------------------------------------------------------- tokenize
+
+_ENCODERS: dict[tuple, TextEncoder] = {}
+
+
+def _encoder(
+    model: str, revision: str | None, max_length: int, instruction: str | None, storage_options: dict[str, Any] | None
+) -> TextEncoder:
+    from operators.loading import inspect_model_dir, load_tokenizer, resolve_model_dir
+
+    # One tokenizer per worker process: Ray reuses workers across tasks, so the load happens once, not per block.
+    key = (model, revision, max_length, instruction)
+    if key not in _ENCODERS:
+        path = resolve_model_dir(model, revision=revision, storage_options=storage_options, metadata_only=True)
+        spec = inspect_model_dir(path, source=model, require_weights=False)
+        _ENCODERS[key] = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)
+    return _ENCODERS[key]
+
+
+def _merge_encoded(a: Encoded, b: Encoded) -> Encoded:
+    return Encoded(ids=a.ids + b.ids, truncated=np.concatenate([a.truncated, b.truncated]), errors=a.errors + b.errors)
+
+
+def _failed_encoding(texts: list[Any], e: Exception) -> Encoded:
+    empty = [np.zeros(0, dtype=np.int32)]
+    return Encoded(ids=empty, truncated=np.zeros(1, dtype=bool), errors=[describe(e, "tokenizer")])
+
+
+def encode_bisecting(enc: TextEncoder, texts: list[Any]) -> tuple[Encoded, set[int]]:
+    """``enc.encode`` that survives a poison row (operators/bisect.py); returns the indices of the rows that made the
+    tokenizer raise, whose ``errors`` say so."""
+    out = bisect_call(
+        enc.encode,
+        list(texts),
+        size=len,
+        split=lambda t, i: (t[:i], t[i:]),
+        merge=_merge_encoded,
+        fail_one=_failed_encoding,
+    )
+    return out, {i for i, e in enumerate(out.errors) if e is not None and e.startswith("tokenizer failed:")}
+
+
+def tokenize_block(
+    table: pa.Table,
+    *,
+    model: str,
+    revision: str | None,
+    max_length: int,
+    instruction: str | None,
+    text_column: str,
+    drop_text: bool,
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    enc = _encoder(model, revision, max_length, instruction, storage_options)
+    texts = table[text_column].to_pylist()
+    errors, types = table["error"].to_pylist(), table["error_type"].to_pylist()
+    encoded, poison = encode_bisecting(enc, [t if p is None else "" for t, p in zip(texts, errors)])
+    for i, err in enumerate(encoded.errors):
+        if err is not None and errors[i] is None:
+            errors[i], types[i] = err, "TokenizerError" if i in poison else "InvalidText"
+    ids = [x if e is None else x[:0] for x, e in zip(encoded.ids, errors)]
+    out = table.drop_columns([text_column]) if drop_text else table
+    out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+    out = out.set_column(out.schema.get_field_index("error_type"), "error_type", pa.array(types, pa.string()))
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    return (
+        parts.add_retries(out)
+        .append_column("input_ids", ids_to_arrow(ids))
+        .append_column("num_tokens", pa.array(lengths, pa.int32()))
+        .append_column("truncated", pa.array(encoded.truncated & (lengths > 0)))
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- embed
+
+
+def _set_error(batch: pa.Table, message: str, kind: str) -> pa.Table:
+    batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array([message], pa.string()))
+    return batch.set_column(batch.schema.get_field_index("error_type"), "error_type", pa.array([kind], pa.string()))
+
+
+class EmbedStage:
+    """The model actor: embeds the valid rows of a tokenized block and drops the ids before the block moves on.
+
+    A call may hold many read blocks (the stage's ``batch_size``: the length sort pads less); the writer cuts them back
+    into parts. When the model raises on a call, the call is bisected (operators/bisect.py) down to the rows that
+    raise, quarantined as ModelError; one poison row costs one row. (An OOM reaches here only for a row that does not
+    fit alone: the micro-batcher retries smaller batches itself.)
+    """
+
+    def __init__(self, *args: Any, threads: int | None = None, **embedder_kwargs: Any):
+        import torch
+
+        from operators.embedder import Embedder
+
+        t0 = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        self.embedder = Embedder(*args, **embedder_kwargs)
+        e = self.embedder
+        log.info(
+            "embed actor ready in %.1fs: %s on %s/%s, %.1f MB of weights, %d torch threads",
+            time.perf_counter() - t0,
+            e.spec.source,
+            e.device,
+            e.dtype,
+            e.model_bytes / 2**20,
+            torch.get_num_threads(),
+        )
+
+    @property
+    def stats(self):
+        return self.embedder.stats
+
+    def model_call(self, batch: pa.Table) -> pa.Table:
+        return self.embedder(batch)
+
+    def _fail_one(self, batch: pa.Table, e: Exception) -> pa.Table:
+        log.warning("quarantining a row the model fails on: %s: %s", type(e).__name__, str(e)[:200])
+        return self.embedder(_set_error(batch, describe(e, "model"), "ModelError"))  # an error row: no forward
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        t0, before = time.perf_counter(), (self.stats.rows, self.stats.tokens, self.stats.padded_tokens)
+        out = bisect_call(
+            self.model_call,
+            batch,
+            size=lambda t: t.num_rows,
+            split=lambda t, i: (t.slice(0, i), t.slice(i)),
+            merge=lambda a, b: pa.concat_tables([a, b]),
+            fail_one=self._fail_one,
+        )
+        st = self.stats
+        rows, tokens, slots = st.rows - before[0], st.tokens - before[1], st.padded_tokens - before[2]
+        telemetry.model_call(time.perf_counter() - t0, rows=rows, tokens=tokens, slots=slots, stage="embed")
+        return parts.add_retries(out.drop_columns(["input_ids"]))
+
+
+# ----------------------------------------------------------------------------------------------------------- write
+
+
+def write_parts(
+    table: pa.Table,
+    *,
+    output: str,
+    id_column: str,
+    passthrough: tuple[str, ...],
+    metadata: dict[str, str],
+    storage_options: dict[str, Any] | None = None,
+    rows_per_part: int | None = None,
+) -> pa.Table:
+    """Write each shard's rows of this block as immutable parts of at most ``rows_per_part`` rows (None: one part),
+    named by the shard and the part's first row offset, plus a quarantine part for each part's bad rows. Returns one
+    small record per part for the driver's commit."""
+    records = []
+    retries = storage.take_retries()
+    if "_retries" in table.column_names:
+        retries += int(pc.sum(table["_retries"]).as_py() or 0)
+    for stem in pc.unique(table["_shard"]).to_pylist():
+        shard_rows = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
+        step = rows_per_part or len(shard_rows)
+        for start in range(0, len(shard_rows), step):
+            sub = shard_rows.slice(start, step)
+            records.append(_write_part(sub, stem, output, id_column, passthrough, metadata, storage_options))
+    if records:
+        records[0]["retries"] = retries
+    telemetry.record(telemetry.ROWS_QUARANTINED, sum(r["errors"] for r in records), stage="write")
+    telemetry.record(telemetry.STORAGE_RETRIES, retries, stage="write")
+    return parts.records_table(records)
+
+
+def _write_part(
+    sub: pa.Table,
+    stem: str,
+    output: str,
+    id_column: str,
+    passthrough: tuple[str, ...],
+    metadata: dict[str, str],
+    storage_options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    first = int(sub["_offset"][0].as_py())
+    bad_mask = pc.is_valid(sub["error"])
+    good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
+    rec = parts.record(
+        stem,
+        first,
+        rows=len(good),
+        errors=len(bad),
+        tokens=int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
+        truncated=int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
+        shard_rows=int(pc.max(sub["_shard_rows"]).as_py()),
+    )
+    if len(good):
+        data = pa.table({"id": good[id_column], "embedding": good["embedding"], **{c: good[c] for c in passthrough}})
+        rel = f"data/{parts.part_name(stem, first)}"
+        parts.write_parquet(parts.with_metadata(data, metadata), storage.join(output, rel), storage_options)
+        rec["file"] = rel
+    if len(bad):
+        ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
+        errs = pa.table(
+            {
+                "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
+                "shard": pa.array([stem] * len(bad), pa.string()),
+                "row_offset": bad["_offset"],
+                "error_type": bad["error_type"],
+                "message": bad["error"],
+            },
+            schema=parts.ERROR_SCHEMA,
+        )
+        rel = f"_errors/{parts.part_name(stem, first)}"
+        parts.write_parquet(errs, storage.join(output, rel), storage_options)
+        rec["errors_file"] = rel
+    return rec
