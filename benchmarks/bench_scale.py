@@ -336,7 +336,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     dim_bytes = args.dim * (4 if args.dtype == "float32" else 2) + 40  # a vector, its id and Parquet overhead
     for label, rows in (("1,024-row parts", 1024), ("~128 MB parts", (128 * 2**20) // dim_bytes)):
         files = target * math.ceil(docs_per_shard / rows)
-        mb = r["manifest_bytes"] / n * target + r["files_bytes"] / max(r["n_files"], 1) * (files - target)
+        per_file = r["files_bytes"] / max(r["n_files"], 1)  # a file's line in "files"; the rest is per shard
+        mb = (r["manifest_bytes"] - r["files_bytes"]) / n * target + per_file * files
         print(
             f"  files with {label} ({rows:,} rows at dim {args.dim} {args.dtype}): {files:,} data files + "
             f"{target:,} markers; manifest ~{mb / 2**20:,.0f} MB"

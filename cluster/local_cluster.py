@@ -282,17 +282,17 @@ def start_autoscaling_cluster(
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="rayas-", dir="/tmp")
     port, ip = _free_port(), get_node_ip_address()
     config_path = os.path.join(temp_dir, "autoscaling.json")  # YAML is a superset of JSON
-    cfg = autoscaling_config(
-        f"{ip}:{port}", head_cpus, worker_cpus, worker_gpus, max_workers, idle_timeout_s, object_store_bytes
-    )
     with open(config_path, "w") as f:
-        json.dump(cfg, f)
+        sizes = (head_cpus, worker_cpus, worker_gpus, max_workers, idle_timeout_s, object_store_bytes)
+        json.dump(autoscaling_config(f"{ip}:{port}", *sizes), f)
     token_path = os.path.join(temp_dir, "auth_token")
     with open(os.open(token_path, os.O_CREAT | os.O_WRONLY, 0o600), "w") as f:
         f.write(os.urandom(32).hex())
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
     # The autoscaler polls every AUTOSCALER_UPDATE_INTERVAL_S (default 5 s); RAY_FAKE_CLUSTER enables the provider.
+    # No drain on SIGTERM: it waits up to 30 s for actors that outlive jobs (Ray Data's autoscaling coordinator).
     env = {**os.environ, **client_env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     env.update(extra_env or {})
     env.pop("RAY_ADDRESS", None)
     ports = [

@@ -15,7 +15,7 @@ import posixpath
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import fsspec
@@ -280,6 +280,10 @@ def atomic_write(url: str, storage_options: dict[str, Any] | None = None) -> Ite
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    if _protocol(url) in ("s3", "s3a"):  # one PutObject, visible only once complete: 1 request, not a 3-part upload
+        fs, path = get_fs(url, storage_options)
+        fs.pipe_file(path, data)
+        return
     with atomic_write(url, storage_options) as f:
         f.write(data)
 
@@ -296,7 +300,9 @@ def write_json(url: str, obj: Any, storage_options: dict[str, Any] | None = None
 def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any | None:
     """The parsed JSON at ``url``, or None when it does not exist."""
     try:
-        return json.loads(read_bytes(url, storage_options))
+        fs, path = get_fs(url, storage_options)
+        one_get = {"max_concurrency": 1} if _protocol(url) in ("s3", "s3a") else {}  # else s3fs sends a HEAD first
+        return json.loads(fs.cat_file(path, **one_get))
     except FileNotFoundError:
         return None
 
@@ -357,40 +363,3 @@ def is_within(child: str, parent: str) -> bool:
         return u.rstrip("/") + "/"
 
     return norm(child).startswith(norm(parent))
-
-
-
-@dataclass(frozen=True)
-class Location:
-    """A storage prefix bound to its fsspec options once, so callers pass one object instead of (url, options).
-    Paths given to its methods are relative to the prefix. ``options`` never reach logs or records (repr=False)."""
-
-    url: str
-    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
-
-    def join(self, *parts: str) -> str:
-        return join(self.url, *parts)
-
-    def child(self, *parts: str) -> Location:
-        return Location(self.join(*parts), self.options)
-
-    def read_json(self, rel: str) -> Any | None:
-        return read_json(self.join(rel), self.options)
-
-    def write_json(self, rel: str, obj: Any) -> None:
-        write_json(self.join(rel), obj, self.options)
-
-    def read_bytes(self, rel: str) -> bytes:
-        return read_bytes(self.join(rel), self.options)
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        write_bytes(self.join(rel), data, self.options)
-
-    def exists(self, rel: str = "") -> bool:
-        return exists(self.join(rel) if rel else self.url, self.options)
-
-    def list(self, rel: str = "", pattern: str = "*") -> list[str]:
-        return list_files(self.join(rel) if rel else self.url, pattern, self.options)
-
-    def remove(self, rels: Sequence[str]) -> None:
-        remove([self.join(r) for r in rels], self.options)

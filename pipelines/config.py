@@ -14,7 +14,7 @@ from typing import Any
 
 from operators import DEFAULT_EMBED_MODEL, DEFAULT_RERANK_MODEL, MIN_DIM, OUTPUT_DTYPE_NAMES
 from operators.errors import ConfigError
-from operators.storage import Location
+from operators.location import Location
 from operators.tokenization import DEFAULT_MAX_LENGTH
 
 DEFAULT_ROWS_PER_BLOCK = 1024

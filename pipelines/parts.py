@@ -52,8 +52,9 @@ def part_name(stem: str, first_offset: int) -> str:
 
 
 def part_pattern(stem: str) -> re.Pattern[str]:
-    """Matches exactly the part files of ``stem`` (not those of a stem that merely starts with it)."""
-    return re.compile(re.escape(stem) + r"-\d{12}\.parquet$")
+    """Matches exactly the part files of ``stem`` in a path or URL: not those of a stem that merely starts with it
+    (``a-1``), nor of one that ends with it (``docs-v2__docs`` for ``docs``), hence the anchor at the name's start."""
+    return re.compile(r"(?:^|/)" + re.escape(stem) + r"-\d{12}\.parquet$")
 
 
 def record(shard: str, part: int, **values: Any) -> dict[str, Any]:

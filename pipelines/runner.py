@@ -102,7 +102,7 @@ def build_graph(job: Job, plan: Plan, pending: list[Shard]):
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     hooks = testhooks.forwarded_env()
     for st in job.stages(plan):
-        fn = telemetry.bind(testhooks.wrap(st.fn) if hooks else st.fn, job.name)
+        fn = telemetry.bind(testhooks.wrap(st.fn) if hooks else st.fn, job.cfg.output)  # one series per job
         kw: dict[str, Any] = {"batch_size": st.batch_size, "batch_format": st.batch_format}
         if st.actors is not None:
             kw.update(
@@ -219,6 +219,7 @@ class Runner:
         progress: Progress,
     ) -> None:
         shards = {s.stem: commit.ShardProgress(s) for s in pending}
+        telemetry.record(telemetry.SHARDS_PLANNED, len(pending), stage="driver", job=self.cfg.output)
         futures: dict[str, Future] = {}
         with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="rayembed-commit") as pool:
 
@@ -242,11 +243,14 @@ class Runner:
             for stem, fut in futures.items():
                 markers[stem] = fut.result()  # re-raises a failed commit: no manifest without every marker
                 stats.committed.append(stem)
+        # Set again at the end: a gauge set in the first moments after ray.init can miss the first export.
+        telemetry.record(telemetry.SHARDS_PLANNED, len(pending), stage="driver", job=self.cfg.output)
 
     def _commit(self, p: commit.ShardProgress, key: str, progress: Progress) -> dict[str, Any]:
         marker = commit.commit_shard(self.cfg.output, p, key, self.so)
+        p.parts = []  # the marker holds what the manifest needs: the driver keeps no part records of a done shard
         progress.shard_done(p.shard.stem)
-        telemetry.record(telemetry.SHARDS_COMMITTED, 1, stage="commit", job=self.job.name)
+        telemetry.record(telemetry.SHARDS_COMMITTED, 1, stage="commit", job=self.cfg.output)
         testhooks.after_commit()
         return marker
 

@@ -14,6 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("operators", "pipelines")
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 80
 
 
 def _read(path: str) -> str:
@@ -103,6 +104,17 @@ def test_operators_need_no_pipelines_and_no_ray():
 def test_modules_stay_small():
     big = {m: n for m, p in _modules().items() if (n := _read(p).count("\n")) > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+def test_functions_stay_small():
+    long = [
+        f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for m, p in _modules().items()
+        for node in ast.walk(ast.parse(_read(p)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
 def test_help_and_status_do_not_import_torch(tmp_path):

@@ -22,7 +22,7 @@ from tests.corpus import make_mixed_corpus
 # False until the runner tags the stages' metrics with the job's output prefix (see cluster/README.md, "Metrics"):
 # meanwhile a remote task records what the embed stage will. Then set it True: the job's own counters must give the
 # same numbers (recording both would double them and fail).
-STAGES_RECORD = False
+STAGES_RECORD = True
 DEADLINE_S = 60
 
 

@@ -2,8 +2,9 @@
 
 The first run of each test writes a shard in several parts (``--rows-per-block 4``) with a quarantined row in its last
 part; the input then changes and the same command runs again. After the rerun ``data/`` and ``_errors/`` must hold
-exactly the files that ``_manifest.json`` lists, a reader that globs ``data/*.parquet`` (as the README's DuckDB query
-does) must see only the new rows with the new texts' vectors, and ``_errors/`` only the new quarantine records.
+exactly the files that ``_manifest.json`` lists (once versions exist: or a retained version lists), so that a reader
+that globs ``data/*.parquet`` (as the README's DuckDB query does) sees only the new rows with the new texts' vectors,
+and ``_errors/`` only the new quarantine records.
 
 Planted bug these tests catch: ``commit_shard`` skipping the deletion of a shard's stale parts (tests/README.md).
 Duplicate ids are avoided on purpose: their policy is about to change.
@@ -62,35 +63,43 @@ def _listed(out: Path) -> tuple[dict, list[str], list[str]]:
     return manifest, sorted(manifest["files"]), sorted(manifest["error_files"])
 
 
-def _on_disk(out: Path, sub: str) -> list[str]:
+def _on_disk(out: Path, sub: str) -> set[str]:
     d = out / sub
-    return sorted(f"{sub}/{f}" for f in os.listdir(d)) if d.is_dir() else []
+    return {f"{sub}/{f}" for f in os.listdir(d)} if d.is_dir() else set()
 
 
-def _glob_read(out: Path, sub: str) -> pa.Table | None:
-    """What a reader globbing ``<out>/<sub>/*.parquet`` sees, manifest or not."""
-    files = sorted((out / sub).glob("*.parquet")) if (out / sub).is_dir() else []
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+def _retained(out: Path) -> set[str]:
+    """Files that a retained earlier version may still reference: none until ``_versions/`` exists."""
+    d = out / "_versions"
+    records = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    return {f for r in records for f in (*r.get("files", ()), *r.get("error_files", ()))}
+
+
+def _read(out: Path, files: list[str]) -> pa.Table | None:
+    return pa.concat_tables([pq.read_table(out / f) for f in files]) if files else None
 
 
 def _check_output(out: Path, docs: list[dict], reference) -> dict:
-    """On disk exactly the manifest's files; every readable row is one of ``docs`` with its text's vector; every
-    readable quarantine record is one of ``docs``' null texts."""
+    """On disk exactly the files the manifest (or a retained version) lists, so a reader that globs ``data/*.parquet``
+    (the README's DuckDB query) sees what the manifest does; what it lists is exactly ``docs``: each row with its
+    current text's vector, each null text as one quarantine record."""
     manifest, files, error_files = _listed(out)
-    assert _on_disk(out, "data") == files, "data/ holds files the manifest does not list"
-    assert _on_disk(out, "_errors") == error_files, "_errors/ holds files the manifest does not list"
+    for sub, listed in (("data", files), ("_errors", error_files)):
+        disk = _on_disk(out, sub)
+        assert set(listed) <= disk, f"{sub}/ lacks files the manifest lists"
+        assert not disk - set(listed) - _retained(out), f"{sub}/ holds stale files: {sorted(disk - set(listed))}"
 
     good = [d for d in docs if d["text"] is not None]
-    table = _glob_read(out, "data")
+    table = _read(out, files)
     ids = table["id"].to_pylist()
-    assert sorted(ids) == sorted(d["id"] for d in good), "a stale (or missing) row is readable under data/"
+    assert sorted(ids) == sorted(d["id"] for d in good), "a stale (or missing) row is readable"
     vecs = np.asarray(table["embedding"].combine_chunks().values.to_numpy()).reshape(len(ids), -1)
     by_id = {d["id"]: d["text"] for d in good}
     ref = reference.embed([by_id[i] for i in ids])
     assert np.abs(vecs - ref).max() <= ATOL, "a row's vector is not its current text's"
 
     bad = sorted(str(d["id"]) for d in docs if d["text"] is None)
-    errors = _glob_read(out, "_errors")
+    errors = _read(out, error_files)
     assert sorted(errors["id"].to_pylist() if errors is not None else []) == bad, "stale quarantine records"
     assert manifest["totals"]["rows"] == len(good) and manifest["totals"]["errors"] == len(bad)
     return manifest

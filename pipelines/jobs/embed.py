@@ -168,6 +168,7 @@ class EmbedJob:
             "compile": cfg.compile,
             "packing": cfg.packing,
             "threads": res.threads,
+            "tokenizer": False,  # the tokenize stage sends ids: loading a tokenizer here only delays the actor's start
         }
         write = {
             "output": cfg.output,
