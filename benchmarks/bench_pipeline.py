@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pipeline.py                  # 10k docs efficiency + driver peak RSS at 10k and 100k docs
     python benchmarks/bench_pipeline.py --docs 2000 --no-rss
-    python benchmarks/bench_pipeline.py --docs 1200 --no-rss             # the issue's 1,200-doc comparison
+    python benchmarks/bench_pipeline.py --docs 1200 --no-rss --corpus longtail   # the issue's 1,200-doc comparison
     python benchmarks/bench_pipeline.py --docs 600 --no-rss --hidden 256 --layers 4 --no-baseline
 
 Printed, not a test. The model is a random-weight Qwen3 with the real Qwen vocabulary (tests/qwen_fixtures.py),
@@ -43,12 +43,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def make_corpus(root: str, n_docs: int, shards: int, short: bool = False) -> None:
+def longtail_texts(n_docs: int) -> list[str]:
+    """bench_operator.py's corpus: lognormal token counts (median 150, sigma 1.0, capped at 4,096), real Qwen words."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench_operator import build_corpus
+
+    from tests.qwen_fixtures import build_qwen_tokenizer
+
+    return build_corpus(build_qwen_tokenizer(), n_docs, 0, 150.0, 1.0, 4096)[0]
+
+
+def make_corpus(root: str, n_docs: int, shards: int, short: bool = False, longtail: bool = False) -> None:
     from tests.corpus import make_docs, write_parquet
 
     per = (n_docs + shards - 1) // shards
+    texts = longtail_texts(n_docs) if longtail else None
     for k in range(shards):
         docs = make_docs(min(per, n_docs - k * per), seed=k, start_id=k * per)
+        if texts is not None:
+            docs = [{**d, "text": texts[d["id"]]} for d in docs]
         if short:
             # Driver memory depends on rows, shards and parts, not on text length: short texts keep 100k docs quick.
             docs = [{**d, "text": f"{d['lang']} doc {d['id']}"} for d in docs]
@@ -247,6 +260,12 @@ def main() -> None:
     ap.add_argument("--rows-per-block", type=int, default=1024)
     ap.add_argument("--embed-batch-rows", type=int, help="rows per model-actor call (default: the job's)")
     ap.add_argument("--threads", type=int, help="torch threads of the actor and the operator (default: the job's)")
+    ap.add_argument(
+        "--corpus",
+        choices=["mixed", "longtail"],
+        default="mixed",
+        help="tests/corpus.py texts (default, up to ~600 tokens) or bench_operator.py's long tail (up to 4,096)",
+    )
     ap.add_argument("--hidden", type=int, default=128, help="random Qwen3's hidden size (default 128)")
     ap.add_argument("--layers", type=int, default=2, help="random Qwen3's layers (default 2)")
     ap.add_argument(
@@ -285,7 +304,8 @@ def main() -> None:
     for n in dict.fromkeys(sizes):
         corpora[n] = os.path.join(tmp, f"in-{n}")
         os.makedirs(corpora[n])
-        make_corpus(corpora[n], n, shards=max(4, n // 5000), short=n != args.docs)
+        longtail = args.corpus == "longtail" and n == args.docs
+        make_corpus(corpora[n], n, shards=max(4, n // 5000), short=n != args.docs, longtail=longtail)
 
     emb = load_operator(model, threads)
     ops = [operator_only(corpora[args.docs], emb)]

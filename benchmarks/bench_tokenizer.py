@@ -83,13 +83,13 @@ def stage_fn(enc):
 
 def child(tok_path: str, texts_path: str, start: int, stop: int) -> None:
     """One process of the scaling run: the stage path on its slice, one thread."""
-    from operators.loading import load_tokenizer
+    from tokenizers import Tokenizer
+
     from operators.tokenization import TextEncoder
 
     with open(texts_path) as f:
         texts = json.load(f)[start:stop]
-    spec = qwen_spec(os.path.dirname(tok_path))
-    enc = TextEncoder(load_tokenizer(spec), spec)
+    enc = TextEncoder(Tokenizer.from_file(tok_path), qwen_spec(os.path.dirname(tok_path)))
     secs, tokens, cpu = timed(stage_fn(enc), texts, 2)
     print(json.dumps({"secs": secs, "tokens": tokens, "cpu": cpu}))
 
@@ -187,7 +187,8 @@ def main() -> None:
         child(args._child[0], args._child[1], int(args._child[2]), int(args._child[3]))
         return
 
-    from operators.loading import load_tokenizer
+    from tokenizers import Tokenizer
+
     from operators.tokenization import PairEncoder, TextEncoder, encode_ids
 
     t0 = time.perf_counter()
@@ -195,7 +196,7 @@ def main() -> None:
     print(f"corpus: {len(texts)} docs, built in {time.perf_counter() - t0:.0f}s; tokenizer {tok_path}", flush=True)
     spec = qwen_spec(os.path.dirname(tok_path))
     t = time.perf_counter()
-    raw = load_tokenizer(spec)
+    raw = Tokenizer.from_file(tok_path)  # what operators.loading.load_tokenizer does with a tokenizer.json
     load_s = time.perf_counter() - t
     enc = TextEncoder(raw, spec)
     pairs = PairEncoder(raw)

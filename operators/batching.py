@@ -156,8 +156,10 @@ class MicroBatcher:
         self.budget = int(budget)
         self.stats = stats or BatchStats()
         self.packed = packed
+        # Test hook, bound once here and never checked in the loop: forwards above N tokens raise an OOM.
         hook = os.environ.get(OOM_HOOK_ENV)
         self._oom_above = int(hook) if hook else None
+        self._call = _call if self._oom_above is None else _oom_above(self._oom_above)
 
     def _cost(self, lengths: np.ndarray) -> int:
         """Tokens the forward computes: real tokens when packed, rows x longest when padded."""
@@ -184,11 +186,9 @@ class MicroBatcher:
                 sel = group[idx]
                 padded = self._cost(lengths[sel])
                 try:
-                    if self._oom_above is not None and padded > self._oom_above:
-                        raise torch.cuda.OutOfMemoryError(f"injected OOM at {padded} padded tokens")
                     current = staged if staged is not None else stage([rows[i] for i in sel])
                     staged = None
-                    out = forward(current)
+                    out = self._call(forward, current, padded)
                     if k + 1 < len(plan):
                         staged = stage([rows[i] for i in group[plan[k + 1]]])
                 except BaseException as e:
@@ -213,6 +213,19 @@ class MicroBatcher:
         if not rows:
             return torch.empty(0)
         return torch.stack(outputs)  # type: ignore[arg-type]
+
+
+def _call(forward: Callable[[Any], torch.Tensor], batch: Any, tokens: int) -> torch.Tensor:
+    return forward(batch)
+
+
+def _oom_above(limit: int) -> Callable[..., torch.Tensor]:
+    def call(forward: Callable[[Any], torch.Tensor], batch: Any, tokens: int) -> torch.Tensor:
+        if tokens > limit:
+            raise torch.cuda.OutOfMemoryError(f"injected OOM at {tokens} padded tokens")
+        return forward(batch)
+
+    return call
 
 
 def _identity(rows: list[np.ndarray]) -> list[np.ndarray]:

@@ -15,11 +15,11 @@ from typing import Any
 from operators import DEFAULT_EMBED_MODEL, DEFAULT_RERANK_MODEL, MIN_DIM, OUTPUT_DTYPE_NAMES
 from operators.errors import ConfigError
 from operators.location import Location
-from operators.tokenization import DEFAULT_MAX_LENGTH
+from operators.tokenization import DEFAULT_MAX_LENGTH, DEFAULT_RERANK_MAX_LENGTH
+from pipelines.lease import DEFAULT_LEASE_HEARTBEAT, DEFAULT_LEASE_TTL
 
 DEFAULT_ROWS_PER_BLOCK = 1024
 DEFAULT_MAX_ERROR_RATIO = 0.01
-DEFAULT_RERANK_MAX_LENGTH = 8192
 DEFAULT_SEARCH_K = 100
 DEFAULT_QUERIES_PER_BLOCK = 64
 # Read blocks per model-actor call: the model stage's Ray Data batch size is this many times --rows-per-block (unless
@@ -47,8 +47,8 @@ class JobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     trust_remote_code: bool = False
-    lease_ttl: float = 60.0  # seconds without a heartbeat after which another job may take the output prefix
-    lease_heartbeat: float = 10.0  # seconds between lease renewals by the driver
+    lease_ttl: float = DEFAULT_LEASE_TTL  # seconds without a heartbeat after which another job may take the output
+    lease_heartbeat: float = DEFAULT_LEASE_HEARTBEAT  # seconds between lease renewals by the driver
     retry_budget: float = 120.0  # seconds one S3 call may retry throttling / resets before the job fails
 
     def __post_init__(self) -> None:

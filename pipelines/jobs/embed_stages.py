@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -153,6 +154,9 @@ def _encoder(
     # One tokenizer per worker process: Ray reuses workers across tasks, so the load happens once, not per block.
     key = (model, revision, max_length, instruction)
     if key not in _ENCODERS:
+        # One thread per task: Ray runs one tokenize task per booked CPU; the Rust tokenizer's own thread pool
+        # (one thread per core by default) would oversubscribe the machine.
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         path = resolve_model_dir(model, revision=revision, storage_options=storage_options, metadata_only=True)
         spec = inspect_model_dir(path, source=model, require_weights=False)
         _ENCODERS[key] = TextEncoder(load_tokenizer(spec), spec, max_length=max_length, instruction=instruction)

@@ -8,6 +8,7 @@ TokenizerError / ModelError; the query's other candidates are scored and ranked 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -30,6 +31,9 @@ _ENCODERS: dict[tuple, PairEncoder] = {}
 def _encoder(model: str, revision: str | None, instruction: str | None, max_length: int, so: Any) -> PairEncoder:
     key = (model, revision, instruction, max_length)
     if key not in _ENCODERS:  # one tokenizer per worker process: Ray reuses workers across tasks
+        # One thread per task: Ray runs one tokenize task per booked CPU; the Rust tokenizer's own thread pool
+        # (one thread per core by default) would oversubscribe the machine.
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         enc = PairEncoder.from_model(
             model, instruction=instruction, max_length=max_length, revision=revision, storage_options=so
         )
