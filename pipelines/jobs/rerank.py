@@ -156,8 +156,8 @@ class RerankJob:
         ds = ray.data.from_items([{"url": u} for u in urls]).flat_map(
             _rankings, fn_kwargs={"storage_options": self.cfg.options}
         )
-        counts = ds.groupby("query_id").count().materialize()
-        repeated = counts.filter(lambda r: r["count()"] > 1).materialize()
+        counts = ds.groupby("query_id").count().rename_columns({"count()": "rankings"}).materialize()
+        repeated = counts.filter(expr="rankings > 1").materialize()
         stats.counts["distinct_queries"] = counts.count()
         n = repeated.count()
         if n:
