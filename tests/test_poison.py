@@ -99,17 +99,16 @@ PAIR_ROWS = [
 
 @pytest.fixture(scope="module")
 def pair_block(tmp_path_factory, qwen_lm_dir):
-    from pipelines.jobs.rerank_read import Columns, read_rerank_shard, unpack
+    """The reader's packed block of PAIR_ROWS, tokenized; and the untokenized block, for the tokenizer test."""
+    from pipelines.jobs.rerank_read import Columns, pack, read_rerank_shard, unpack
     from pipelines.jobs.rerank_stages import tokenize_pairs
 
     d = tmp_path_factory.mktemp("pairs")
     (d / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIR_ROWS))
     (shard,) = list_shards(str(d))
-    (packed,) = [b for b in read_rerank_shard(shard, columns=Columns(), rows_per_block=64)]
-    from pipelines.jobs.rerank_read import pack
-
+    (source,) = read_rerank_shard(shard, columns=Columns(), rows_per_block=64)
     kw = dict(model=qwen_lm_dir, revision=None, instruction=None, max_length=256)
-    return tokenize_pairs(pack(packed), **kw), unpack
+    return tokenize_pairs(pack(source), **kw), unpack, source
 
 
 def _pairs(block, unpack):
@@ -126,7 +125,7 @@ def _pairs(block, unpack):
 def test_reranker_poison_pair_is_bisected_out(pair_block, qwen_lm_dir, qwen_tokenizer, monkeypatch):
     from pipelines.jobs.rerank_stages import RerankStage
 
-    block, unpack = pair_block
+    block, unpack, _source = pair_block
     kw = dict(model=qwen_lm_dir, device="cpu", dtype="float32", max_length=256)
     clean = {(q, d): s for q, d, s, _k in _pairs(RerankStage(**kw)(block), unpack)}
     zebra = qwen_tokenizer.encode(" zebra", add_special_tokens=False)[0]
@@ -146,7 +145,7 @@ def test_reranker_tokenizer_poison_pair_is_bisected_out(pair_block, qwen_lm_dir,
     from pipelines.jobs.rerank_read import pack
     from pipelines.jobs.rerank_stages import RerankStage
 
-    block, unpack = pair_block
+    block, unpack, source = pair_block
     kw = dict(model=qwen_lm_dir, device="cpu", dtype="float32", max_length=256)
     clean = {(q, d): s for q, d, s, _k in _pairs(RerankStage(**kw)(block), unpack)}
     original = PairEncoder.encode
@@ -158,7 +157,6 @@ def test_reranker_tokenizer_poison_pair_is_bisected_out(pair_block, qwen_lm_dir,
 
     monkeypatch.setattr(PairEncoder, "encode", encode)
     (raw,) = unpack(block)
-    (source,) = [t for t in _reread(qwen_lm_dir, unpack)]
     poisoned = rerank_stages.tokenize_pairs(
         pack(source), model=qwen_lm_dir, revision=None, instruction=None, max_length=256
     )
@@ -174,16 +172,3 @@ def test_reranker_tokenizer_poison_pair_is_bisected_out(pair_block, qwen_lm_dir,
             assert kind == "TokenizerError" and np.isnan(s)
         else:
             assert kind is None and abs(s - clean[(q, d)]) <= 1e-6
-
-
-def _reread(qwen_lm_dir, unpack):
-    """The reader's packed block again (untokenized), from the same input as the ``pair_block`` fixture."""
-    import tempfile
-
-    from pipelines.jobs.rerank_read import Columns, read_rerank_shard
-
-    d = tempfile.mkdtemp(prefix="pairs-")
-    with open(f"{d}/c.jsonl", "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in PAIR_ROWS))
-    (shard,) = list_shards(d)
-    return list(read_rerank_shard(shard, columns=Columns(), rows_per_block=64))
