@@ -77,6 +77,9 @@ HELP: dict[str, str] = {
     "device": "cuda, cpu or auto (default: auto = cuda when available)",
     "dtype": "model dtype: bfloat16 (CUDA default), float32 (CPU default) or float16",
     "max_error_ratio": "fail the job when more than this fraction of rows is quarantined (default: {default})",
+    "max_delete_ratio": "refuse a refresh that would delete more than this fraction of the previous version's rows "
+    "(default: {default}); 1 allows any",
+    "match_buckets": "buckets of a refresh's match shuffle (default: about 256 MB of key rows each)",
     "storage_options": 'JSON object passed to fsspec, e.g. \'{{"endpoint_url": "http://127.0.0.1:9000"}}\'; AWS_* '
     "variables and instance roles are honoured; never logged",
     "address": "Ray cluster address (default: RAY_ADDRESS, else local mode)",

@@ -79,12 +79,20 @@ class ShardProgress:
 
 
 def commit_shard(
-    output: str, progress: ShardProgress, key: str, storage_options: dict[str, Any] | None
+    output: str,
+    progress: ShardProgress,
+    key: str,
+    storage_options: dict[str, Any] | None,
+    stamp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the shard's marker (its data parts are already durable), then delete stale parts of earlier attempts."""
+    """Write the shard's marker (its data parts are already durable), then delete stale parts of earlier attempts.
+
+    ``stamp`` (a versioned output's ``run`` and ``target`` version) goes into the marker; then only parts of the same
+    version are stale: an earlier version's parts belong to that version until vacuum retires it."""
     parts = sorted(progress.parts, key=lambda p: p["part"])
     files = [p["file"] for p in parts if p["file"]]
     error_files = [p["errors_file"] for p in parts if p["errors_file"]]
+    stamp = dict(stamp or {})
     marker = {
         "format": MARKER_FORMAT,
         "stem": progress.shard.stem,
@@ -99,12 +107,15 @@ def commit_shard(
         "truncated": sum(p["truncated"] for p in parts),
         "committed_at": now(),
         "version": __version__,
+        **{k: sum(p.get(k) or 0 for p in parts) for k in ("embedded", "reused", "upserted", "duplicates")},
+        "upserts": [p["upserts_file"] for p in parts if p.get("upserts_file")],
+        **stamp,
     }
     storage.write_json(marker_url(output, progress.shard.stem), marker, storage_options)
     # Parts of earlier attempts at this shard that this attempt did not rewrite: one prefix listing per directory,
     # whatever else the output holds (never a listing of all of data/).
     keep = set(files) | set(error_files)
-    pattern = part_pattern(progress.shard.stem)
+    pattern = part_pattern(progress.shard.stem, stamp.get("target"))
     for sub in ("data", "_errors"):
         stale = [
             u

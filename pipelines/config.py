@@ -20,6 +20,7 @@ from pipelines.lease import DEFAULT_LEASE_HEARTBEAT, DEFAULT_LEASE_TTL
 
 DEFAULT_ROWS_PER_BLOCK = 1024
 DEFAULT_MAX_ERROR_RATIO = 0.01
+DEFAULT_MAX_DELETE_RATIO = 0.5  # a refresh may delete at most half of the previous version's rows
 DEFAULT_SEARCH_K = 100
 DEFAULT_QUERIES_PER_BLOCK = 64
 # Read blocks per model-actor call: the model stage's Ray Data batch size is this many times --rows-per-block (unless
@@ -108,6 +109,8 @@ class EmbedJobConfig(JobConfig):
     embed_batch_rows: int | None = None  # rows per model-actor call; None: DEFAULT_EMBED_BLOCKS_PER_CALL blocks
     compile: bool | None = None  # torch.compile the model in each actor; None: on CUDA (H200: ~1.7-2x for the 0.6B)
     packing: str = "auto"  # padding-free varlen packing: auto (when a CUDA varlen kernel is importable), on, off
+    max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO  # a refresh deleting more of its parent's rows fails
+    match_buckets: int | None = None  # buckets of the refresh's match shuffle; None: about 256 MB of key rows each
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -119,7 +122,9 @@ class EmbedJobConfig(JobConfig):
             raise ConfigError(f"--dim must be at least {MIN_DIM}, got {self.dim}")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        _positive(self, "rows_per_block", "embed_batch_rows")
+        _positive(self, "rows_per_block", "embed_batch_rows", "match_buckets")
+        if not 0 <= self.max_delete_ratio <= 1:
+            raise ConfigError(f"--max-delete-ratio must be within 0..1, got {self.max_delete_ratio}")
         if self.packing not in ("auto", "on", "off"):
             raise ConfigError(f"--packing must be auto, on or off, got {self.packing!r}")
         if self.id_column == self.text_column:

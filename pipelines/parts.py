@@ -3,7 +3,9 @@ driver, the retry count carried along blocks, and the shard items the read stage
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 from typing import Any
 
@@ -43,23 +45,35 @@ RECORD_SCHEMA = pa.schema(
         ("pairs", pa.int64()),
         ("queries", pa.int64()),
         ("repeated", pa.list_(pa.string())),
+        # embed: rows sent to the model, rows whose vector was copied from the parent version, rows in the
+        # upserts delta (and its file), rows quarantined as DuplicateId
+        ("embedded", pa.int64()),
+        ("reused", pa.int64()),
+        ("upserted", pa.int64()),
+        ("upserts_file", pa.string()),
+        ("duplicates", pa.int64()),
     ]
 )
 
 
-def part_name(stem: str, first_offset: int) -> str:
-    return f"{stem}-{first_offset:012d}.parquet"
+def part_name(stem: str, first_offset: int, version: int | None = None) -> str:
+    """``<stem>-<offset>.parquet``; with a version, ``<stem>-<offset>-v<version>.parquet``: a versioned output never
+    rewrites a name an earlier version committed (a changed shard's new parts get new names)."""
+    tag = "" if version is None else f"-v{int(version):08d}"
+    return f"{stem}-{first_offset:012d}{tag}.parquet"
 
 
-def part_pattern(stem: str) -> re.Pattern[str]:
-    """Matches exactly the part files of ``stem`` in a path or URL: not those of a stem that merely starts with it
-    (``a-1``), nor of one that ends with it (``docs-v2__docs`` for ``docs``), hence the anchor at the name's start."""
-    return re.compile(r"(?:^|/)" + re.escape(stem) + r"-\d{12}\.parquet$")
+def part_pattern(stem: str, version: int | None = None) -> re.Pattern[str]:
+    """Matches exactly the part files of ``stem`` (of one version, when given) in a path or URL: not those of a stem
+    that merely starts with it (``a-1``), nor of one that ends with it (``docs-v2__docs`` for ``docs``), hence the
+    anchor at the name's start."""
+    tag = r"(?:-v\d{8})?" if version is None else re.escape(f"-v{int(version):08d}")
+    return re.compile(r"(?:^|/)" + re.escape(stem) + r"-\d{12}" + tag + r"\.parquet$")
 
 
 def record(shard: str, part: int, **values: Any) -> dict[str, Any]:
     """A part record with every field of RECORD_SCHEMA (zeros and nulls where a job has nothing to say)."""
-    rec: dict[str, Any] = {f.name: None if f.name in ("file", "errors_file") else 0 for f in RECORD_SCHEMA}
+    rec: dict[str, Any] = {f.name: None if f.name.endswith("file") else 0 for f in RECORD_SCHEMA}
     rec.update({"shard": shard, "part": part, "shard_rows": -1, "repeated": [], **values})
     return rec
 
@@ -96,8 +110,9 @@ def add_retries(table: pa.Table) -> pa.Table:
     return table
 
 
-def shard_items(shards: list[Shard]) -> list[dict[str, Any]]:
-    """The rows of the dataset that drives the read stage: one per shard, as ``shard_from_item`` reads them."""
+def shard_items(shards: list[Shard], work: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The rows of the dataset that drives the read stage: one per shard, as ``shard_from_item`` reads them, with the
+    URL of the shard's refresh work file (pipelines/jobs/refresh.py) where it has one."""
     return [
         {
             "url": s.url,
@@ -106,6 +121,7 @@ def shard_items(shards: list[Shard]) -> list[dict[str, Any]]:
             "compression": s.compression or "",
             "size": s.size,
             "version": s.version,
+            "work": (work or {}).get(s.stem, ""),
         }
         for s in shards
     ]
@@ -120,4 +136,49 @@ def shard_from_item(batch: dict[str, np.ndarray], i: int) -> Shard:
         compression=batch["compression"][i] or None,
         size=int(batch["size"][i]),
         version=str(batch["version"][i]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- refresh digests
+
+# What the match pass (pipelines/jobs/refresh.py) decides for an input row: embed it (new or changed text), reuse the
+# parent version's vector, reuse it and upsert the row (pass-through values changed), or quarantine it as a
+# duplicate id. BUCKET marks a per-bucket record (its deletes).
+EMBED, REUSE, UPSERT, DUPLICATE, BUCKET = 0, 1, 2, 3, 9
+HASH_TYPE = pa.binary(16)  # fixed_size_binary(16): the data schema's content_hash
+
+
+def content_hashes(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """blake2b-128 of each text's UTF-8 bytes (null for a null text): the ``content_hash`` column, and the key the
+    refresh matches a row's text by."""
+    digest = hashlib.blake2b
+    values = [None if t is None else digest(t.encode("utf-8"), digest_size=16).digest() for t in texts.to_pylist()]
+    return pa.array(values, HASH_TYPE)
+
+
+def row_digests(table: pa.Table, columns: tuple[str, ...] | list[str]) -> pa.Array:
+    """A digest of each row's pass-through values (null without pass-through columns): a refresh rewrites a row whose
+    text is unchanged but whose pass-through values differ (an upsert with its old vector). The same values read
+    from the input and from a written part give the same digest (JSON of the Python values)."""
+    if not columns:
+        return pa.nulls(len(table), HASH_TYPE)
+    cols = [table[c].to_pylist() for c in columns]
+    out = []
+    for vals in zip(*cols):
+        blob = json.dumps(vals, default=str, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        out.append(hashlib.blake2b(blob, digest_size=16).digest())
+    return pa.array(out, HASH_TYPE)
+
+
+def key_buckets(keys: pa.Array | pa.ChunkedArray, buckets: int) -> np.ndarray:
+    """A stable bucket of each id (its string form), the same in every process: Python's ``hash`` is salted."""
+    if buckets <= 1:
+        return np.zeros(len(keys), dtype=np.int32)
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(k.encode("utf-8"), digest_size=4).digest(), "little") % buckets
+            for k in keys.to_pylist()
+        ),
+        dtype=np.int32,
+        count=len(keys),
     )

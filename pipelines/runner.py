@@ -64,6 +64,7 @@ class Plan:
     model: dict[str, Any]
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # job-private state between plan, stages and finish
+    stamp: dict[str, Any] = field(default_factory=dict)  # written into every shard marker (a version's run id)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def build_graph(job: Job, plan: Plan, pending: list[Shard]):
     """The Ray Data graph: one row per pending shard, then the job's stages in order."""
     import ray.data
 
-    items = shard_items(pending)
+    items = shard_items(pending, plan.extra.get("work"))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     hooks = testhooks.forwarded_env()
     wrap = bool(hooks) or bool(os.environ.get(testhooks.READY_FILE_ENV))  # benchmarks' ready file is a hook too
@@ -193,6 +194,9 @@ class Runner:
             log.info("aborted %d unfinished uploads left by earlier attempts", aborted)
         markers = commit.load_markers(self.cfg.output, self.so)
         pending, _done = commit.plan(shards, markers, plan.key)
+        prepare = getattr(self.job, "prepare", None)
+        if prepare is not None:  # a versioned job decides itself (the match pass) what to read again
+            pending = prepare(plan, shards, markers)
         stats.shards, stats.processed, stats.skipped = len(shards), len(pending), len(shards) - len(pending)
         log.info("planned %d shards: %d pending, %d already committed", len(shards), len(pending), stats.skipped)
         if pending:
@@ -208,7 +212,11 @@ class Runner:
         if finish is not None:
             finish(plan, current, stats)
         testhooks.point("runner.before_manifest")
-        commit.write_manifest(self.cfg.output, current, plan.config, plan.model, self.so)
+        commit_output = getattr(self.job, "commit", None)
+        if commit_output is not None:  # a versioned output commits a version record
+            commit_output(plan, current, stats)
+        else:
+            commit.write_manifest(self.cfg.output, current, plan.config, plan.model, self.so)
         stats.counts["retries"] += storage.take_retries()
 
     def _consume(
@@ -226,7 +234,7 @@ class Runner:
         with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="rayembed-commit") as pool:
 
             def submit(p: commit.ShardProgress) -> None:
-                futures[p.shard.stem] = pool.submit(self._commit, p, plan.key, progress)
+                futures[p.shard.stem] = pool.submit(self._commit, p, plan, progress)
 
             for rec in _records(self.job, plan, pending):
                 lease.check()
@@ -248,8 +256,8 @@ class Runner:
         # Set again at the end: a gauge set in the first moments after ray.init can miss the first export.
         telemetry.record(telemetry.SHARDS_PLANNED, len(pending), stage="driver", job=self.cfg.output)
 
-    def _commit(self, p: commit.ShardProgress, key: str, progress: Progress) -> dict[str, Any]:
-        marker = commit.commit_shard(self.cfg.output, p, key, self.so)
+    def _commit(self, p: commit.ShardProgress, plan: Plan, progress: Progress) -> dict[str, Any]:
+        marker = commit.commit_shard(self.cfg.output, p, plan.key, self.so, plan.stamp)
         p.parts = []  # the marker holds what the manifest needs: the driver keeps no part records of a done shard
         progress.shard_done(p.shard.stem)
         telemetry.record(telemetry.SHARDS_COMMITTED, 1, stage="commit", job=self.cfg.output)

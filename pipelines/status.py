@@ -57,6 +57,7 @@ def collect_status(
     manifest = storage.read_json(storage.join(output, "_manifest.json"), storage_options)
     if not markers and lease is None and manifest is None:
         raise RayembedError(f"{output!r} holds no rayembed embed output (no _state/, _lease.json or _manifest.json)")
+    markers = _current_shards(markers, manifest)
     if not inputs:
         inputs = (lease or {}).get("input") or ((manifest or {}).get("config") or {}).get("input")
     report: dict[str, Any] = {
@@ -101,8 +102,22 @@ def collect_status(
             "progress": lease.get("progress") if state == "live" else None,
         }
     if manifest is not None:
-        report["manifest"] = {"written_at": manifest.get("written_at"), "totals": manifest.get("totals")}
+        written = manifest.get("written_at") or manifest.get("created_at")
+        report["manifest"] = {"written_at": written, "totals": manifest.get("totals")}
+        if "counts" in manifest:
+            report["version"] = {"version": manifest["version"], "counts": manifest["counts"]}
     return report
+
+
+def _current_shards(markers: dict[str, dict[str, Any]], manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """A versioned output's shards: the latest version's, updated by the markers of the run in progress (those that
+    target a later version); markers an earlier version left behind (of a shard deleted since) do not count."""
+    if not manifest or "counts" not in manifest or not isinstance(manifest.get("shards"), dict):
+        return markers
+    latest = int(manifest["version"])
+    current = {stem: {"stem": stem, **entry} for stem, entry in manifest["shards"].items()}
+    current.update({s: m for s, m in markers.items() if int(m.get("target") or 0) > latest})
+    return current
 
 
 def format_status(r: dict[str, Any]) -> str:
@@ -146,6 +161,12 @@ def format_status(r: dict[str, Any]) -> str:
         lines.append(
             f"  manifest: written {m['written_at']}: {t['shards']} shards, {t['rows']} rows, {t['errors']} "
             f"quarantined, {t['files']} files"
+        )
+    if r.get("version"):
+        c = r["version"]["counts"]
+        lines.append(
+            f"  version: {r['version']['version']} ({c['rows']} rows, {c['embedded']} embedded, {c['reused']} reused, "
+            f"{c['upserted']} upserted, {c['deleted']} deleted, {c['quarantined']} quarantined)"
         )
     return "\n".join(lines)
 

@@ -78,8 +78,8 @@ def _check_format(record: Any, where: str) -> dict[str, Any]:
     fmt = record.get("format")
     if fmt != VERSION_FORMAT:
         raise ConfigError(
-            f"{where} has format {fmt!r}, not {VERSION_FORMAT!r}: it is not a versioned output (the embed job "
-            "does not write version records yet); files, vacuum and sync read versioned outputs only"
+            f"{where} has format {fmt!r}, not {VERSION_FORMAT!r}: it is not a versioned embed output (written by "
+            "an older rayembed, or by a rerank or search job); embed into a new --output to get versions"
         )
     return record
 
@@ -221,7 +221,7 @@ def _all_files(output: str, storage_options: dict[str, Any] | None) -> list[str]
     fs, root = storage.get_fs(output, storage_options)
     root = root.rstrip("/")
     found: list[str] = []
-    for sub in (*DATA_DIRS, "_deltas"):
+    for sub in (*DATA_DIRS, "_deltas", "_work"):
         try:
             paths = fs.find(posixpath.join(root, sub))
         except FileNotFoundError:

@@ -12,7 +12,8 @@ it completes; each test then asserts its own shard's records. The contract (READ
 - a zero-byte JSONL file is a valid empty shard: committed with zero rows, no error;
 - a text longer than ``--max-length`` is cut to ``max_length - 1`` tokens plus EOS and counted as ``truncated`` in
   the shard's marker and the summary line (the manifest has no truncated count);
-- duplicate ids are kept: every row is embedded and written.
+- ids are keys: of the rows sharing an id, the first in sorted shard order (then by row offset) is embedded and
+  written; every other one is quarantined as DuplicateId, naming the row that was kept.
 
 Bugs these cases found and that are fixed: an int64 text column in a Parquet shard crashed the whole job (now one
 InvalidColumn record), a JSONL line without an id was embedded with a null id (now MissingId), a truncated gzip lost
@@ -50,7 +51,13 @@ SHARD_LEVEL = {"CorruptShard", "MissingColumn", "InvalidColumn"}
 FAILED_SHARDS = {"zero-bytes", "truncated-parquet", "truncated-gzip", "not-gzip", "garbage", "no-id-column"}
 FAILED_SHARDS |= {"no-text-column", "int-text"}
 # The rows (offsets) of the other shards that must be quarantined; every other row must be embedded.
-BAD_ROWS = {"invalid-utf8": {1}, "malformed-json": {1, 2}, "null-text": {1}, "no-id-field": {0, 1}}
+BAD_ROWS = {
+    "invalid-utf8": {1},
+    "malformed-json": {1, 2},
+    "null-text": {1},
+    "no-id-field": {0, 1},
+    "duplicate-ids": {0, 2},  # id 0 is kept in aa-good (sorted first), id 170 at offset 1
+}
 
 
 def _jsonl(path: Path, lines: list[bytes | str | dict]) -> None:
@@ -360,15 +367,18 @@ def test_one_megabyte_text_is_truncated_and_counted(job):
     assert sum(m["truncated"] for m in job.markers.values()) == expect
 
 
-def test_duplicate_ids_are_all_written(job):
-    assert "duplicate-ids" not in job.errors
-    assert job.ids("duplicate-ids") == [0, 170, 170]
+def test_duplicate_ids_keep_the_first_row_and_quarantine_the_others(job):
+    assert job.ids("duplicate-ids") == [170]
     all_ids = [i for stem in job.data for i in job.ids(stem)]
-    assert all_ids.count(0) == 2 and all_ids.count(170) == 2
-    ref = job.embedder.embed([d["text"] for d in job.docs["duplicate-ids"]])
-    vecs = job.vectors("duplicate-ids")
-    assert np.abs(vecs - ref).max() <= 1e-5
-    assert np.abs(vecs[1] - vecs[2]).max() > 1e-3  # two different texts under one id: two different vectors
+    assert all_ids.count(0) == 1 and all_ids.count(170) == 1 and job.ids("aa-good")[0] == 0
+    recs = [(r["row_offset"], r["id"], r["error_type"], r["message"]) for r in job.errors["duplicate-ids"]]
+    assert recs == [
+        (0, "0", "DuplicateId", "duplicate id: kept the row at aa-good offset 0"),
+        (2, "170", "DuplicateId", "duplicate id: kept the row at duplicate-ids offset 1"),
+    ]
+    assert job.markers["duplicate-ids"]["duplicates"] == 2 and job.markers["aa-good"]["duplicates"] == 0
+    ref = job.embedder.embed([job.docs["duplicate-ids"][1]["text"]])
+    assert np.abs(job.vectors("duplicate-ids") - ref).max() <= 1e-5  # the kept row's own text, not the other copy
 
 
 def test_status_lists_exactly_the_failed_shards(job):

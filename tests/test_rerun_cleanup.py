@@ -2,12 +2,11 @@
 
 The first run of each test writes a shard in several parts (``--rows-per-block 4``) with a quarantined row in its last
 part; the input then changes and the same command runs again. After the rerun ``data/`` and ``_errors/`` must hold
-exactly the files that ``_manifest.json`` lists (once versions exist: or a retained version lists), so that a reader
-that globs ``data/*.parquet`` (as the README's DuckDB query does) sees only the new rows with the new texts' vectors,
-and ``_errors/`` only the new quarantine records.
+exactly the files that ``_manifest.json`` or a retained version lists, and the latest version must list only the new
+rows with the new texts' vectors and only the new quarantine records. Version 2's parts carry their version in their
+names, so they never overwrite a part version 1 references.
 
 Planted bug these tests catch: ``commit_shard`` skipping the deletion of a shard's stale parts (tests/README.md).
-Duplicate ids are avoided on purpose: their policy is about to change.
 """
 
 from __future__ import annotations
@@ -114,8 +113,10 @@ def test_rerun_over_shrunk_shard_drops_its_stale_parts(tmp_path, qwen_model_dir,
     write_parquet(before, str(inp / "s.parquet"))
     _embed(inp, out, qwen_model_dir)
     _, files, error_files = _listed(out)
-    assert [f for f in files if f.startswith("data/s-")] == [f"data/s-{k:012d}.parquet" for k in (0, 4, 8, 12)]
-    assert error_files == ["_errors/s-000000000012.parquet"]
+    assert [f for f in files if f.startswith("data/s-")] == [
+        f"data/s-{k:012d}-v00000001.parquet" for k in (0, 4, 8, 12)
+    ]
+    assert error_files == ["_errors/s-000000000012-v00000001.parquet"]
     _check_output(out, keep + before, reference)
 
     after = before[:5]  # rows 0..4: parts 0 and 4 remain; 8, 12 and the error part 12 must go
@@ -123,7 +124,9 @@ def test_rerun_over_shrunk_shard_drops_its_stale_parts(tmp_path, qwen_model_dir,
     stdout = _embed(inp, out, qwen_model_dir)
     assert "2 shards (1 processed, 1 already committed), 5 docs" in stdout
     manifest = _check_output(out, keep + after, reference)
-    assert [f for f in manifest["files"] if f.startswith("data/s-")] == [f"data/s-{k:012d}.parquet" for k in (0, 4)]
+    assert [f for f in manifest["files"] if f.startswith("data/s-")] == [
+        f"data/s-{k:012d}-v00000002.parquet" for k in (0, 4)
+    ]
     assert manifest["error_files"] == []
 
 
@@ -147,6 +150,9 @@ def test_rerun_over_changed_shard_drops_its_stale_parts(tmp_path, qwen_model_dir
     assert "2 shards (1 processed, 1 already committed), 9 docs" in stdout
     manifest = _check_output(out, keep + after, reference)
     assert [f for f in manifest["files"] if f.startswith("data/s-")] == [
-        f"data/s-{k:012d}.parquet" for k in (0, 4, 12)
+        f"data/s-{k:012d}-v00000002.parquet" for k in (0, 4, 12)
     ]
-    assert manifest["error_files"] == ["_errors/s-000000000000.parquet", "_errors/s-000000000008.parquet"]
+    assert manifest["error_files"] == [
+        "_errors/s-000000000000-v00000002.parquet",
+        "_errors/s-000000000008-v00000002.parquet",
+    ]

@@ -102,26 +102,28 @@ def test_status_failed_shard_duplicates_and_released_lease(tmp_path, qwen_model_
     assert cli.main([*args, "--max-error-ratio", "1"]) == 0
     assert "0 storage retries" in capsys.readouterr().out
 
-    # Duplicate ids are kept: each row is embedded and written (no dedup; the id column is not a key).
+    # Ids are keys: the second row with id 0 is quarantined as DuplicateId, the first one is written.
     from tests.pipeline_checks import read_output
 
     _, table = read_output(str(out))
-    assert sorted(table["id"].to_pylist()) == sorted([d["id"] for d in docs] + list(range(50, 54)))
-    assert table["id"].to_pylist().count(0) == 2
+    assert sorted(table["id"].to_pylist()) == sorted([d["id"] for d in docs[:6]] + list(range(50, 54)))
+    dup = pq.read_table(out / "_errors" / "a-000000000000-v00000001.parquet").to_pylist()
+    assert [(r["row_offset"], r["error_type"]) for r in dup] == [(6, "DuplicateId")]
 
     assert cli.main(["status", str(out)]) == 0
     text = capsys.readouterr().out
     assert "shards: 2 done, 1 failed, 0 pending, 0 stale (input changed), 3 in the input" in text
-    assert "rows: 11 written, 1 quarantined, 0 truncated" in text
+    assert "rows: 10 written, 2 quarantined, 0 truncated" in text
     assert "\n    broken: CorruptShard at row 0: shard unreadable after 0 rows: ArrowInvalid: " in text
     assert "lease: released; last job" in text and "succeeded" in text
-    assert "manifest: written" in text and "3 shards, 11 rows, 1 quarantined" in text
+    assert "manifest: written" in text and "3 shards, 10 rows, 2 quarantined" in text
+    assert "version: 1 (10 rows, 10 embedded, 0 reused, 10 upserted, 0 deleted, 2 quarantined)" in text
     assert cli.main(["status", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (failed,) = report["failed"]
     assert (failed["shard"], failed["error_type"], failed["row_offset"]) == ("broken", "CorruptShard", 0)
     assert failed["message"].startswith("shard unreadable after 0 rows: ArrowInvalid")
-    assert report["done"] == 2 and report["shards_with_quarantined_rows"] == ["broken"]
+    assert report["done"] == 2 and report["shards_with_quarantined_rows"] == ["a", "broken"]
 
     # While a job runs (markers, no manifest, input unknown), failed shards show the same way; a shard with only
     # row-level errors is not failed.
@@ -139,7 +141,7 @@ def test_status_failed_shard_duplicates_and_released_lease(tmp_path, qwen_model_
     assert cli.main(["status", str(mid)]) == 0
     text = capsys.readouterr().out
     assert "shards: 2 done, 1 failed (input unknown" in text and "    broken: CorruptShard at row 0" in text
-    assert "shards with quarantined rows: b, broken" in text and "manifest: none" in text
+    assert "shards with quarantined rows: a, b, broken" in text and "manifest: none" in text
 
     # A new shard is pending; a rewritten one is stale. --json gives the same report as data.
     write_parquet(make_docs(3, seed=3, start_id=90), str(inp / "c.parquet"))
@@ -148,7 +150,7 @@ def test_status_failed_shard_duplicates_and_released_lease(tmp_path, qwen_model_
     assert cli.main(["status", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["pending"] == ["c"] and report["stale"] == ["b"] and report["done"] == 1
-    assert report["lease"]["state"] == "released" and report["manifest"]["totals"]["rows"] == 11
+    assert report["lease"]["state"] == "released" and report["manifest"]["totals"]["rows"] == 10
     # A failed shard whose input was fixed since is stale (a rerun redoes it), no longer failed.
     write_parquet(broken, str(inp / "broken.parquet"))
     assert cli.main(["status", str(out), "--json"]) == 0

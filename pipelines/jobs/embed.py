@@ -11,12 +11,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from operators import MIN_DIM, __version__, rows
+from operators import MIN_DIM, __version__, rows, storage
 from operators.errors import ConfigError
 from operators.storage import Shard
-from pipelines import commit, testhooks
+from pipelines import commit, testhooks, versions
 from pipelines.config import DEFAULT_EMBED_BLOCKS_PER_CALL, EmbedJobConfig
-from pipelines.jobs.embed_stages import EmbedStage, read_shards, tokenize_block, write_parts
+from pipelines.jobs import refresh_plan
+from pipelines.jobs.embed_stages import EmbedStage, read_shards, tokenize_block
+from pipelines.jobs.embed_write import write_parts
 from pipelines.runner import Plan, RunStats, Stage
 from pipelines.runtime import actor_threads, gpus_per_actor
 
@@ -103,7 +105,21 @@ class EmbedJob:
                 "passthrough": list(cfg.passthrough),
             }
         )
-        return Plan(key=key, model=model, config=cfg.public())
+        parent = versions.latest(cfg.output, cfg.options)
+        if parent is not None and parent["output_key"] != key:
+            raise ConfigError(
+                f"output prefix {cfg.output!r} holds version {parent['version']} embedded with different settings "
+                "(model, dim, instruction, max length or dtype); write to a new --output"
+            )
+        vr = refresh_plan.start(cfg.output, key, parent, shards, model["dim"], cfg.output_dtype)
+        extra = {"version": vr, "id_type": _id_type(cfg.output, parent, cfg.options)}
+        return Plan(key=key, model=model, config=cfg.public(), extra=extra)
+
+    def prepare(self, plan: Plan, shards: list[Shard], markers: dict[str, dict[str, Any]]) -> list[Shard]:
+        return refresh_plan.prepare(self, plan, shards, markers)
+
+    def commit(self, plan: Plan, markers: list[dict[str, Any]], stats: RunStats) -> None:
+        plan.extra["record"] = refresh_plan.commit_version(self, plan, markers)
 
     def metadata(self, model: dict[str, Any]) -> dict[str, str]:
         cfg = self.cfg
@@ -143,6 +159,7 @@ class EmbedJob:
             "passthrough": cfg.passthrough,
             "rows_per_block": cfg.rows_per_block,
             "storage_options": so,
+            "vec_width": plan.extra["version"].width,
         }
         tokenize = {
             "model": cfg.model,
@@ -177,6 +194,8 @@ class EmbedJob:
             "metadata": self.metadata(plan.model),
             "storage_options": so,
             "rows_per_part": cfg.rows_per_block,
+            "version": plan.extra["version"].version,
+            "refresh": plan.extra["version"].refresh,
         }
         return [
             Stage("read", read_shards, batch_size=1, batch_format="numpy", kwargs=read),
@@ -203,5 +222,28 @@ class EmbedJob:
             f"rayembed embed: {stats.shards} shards ({stats.processed} processed, {stats.skipped} already committed), "
             f"{c['rows']} docs, {c['tokens']} tokens, {rate:,.0f} tokens/s, {c['files']} files written, "
             f"{c['errors']} rows quarantined, {c['truncated']} truncated, {c['retries']} storage retries, "
-            f"{stats.elapsed:.1f}s -> {stats.output}"
+            f"{stats.elapsed:.1f}s -> {stats.output}",
+            version_line(plan),
         ]
+
+
+def version_line(plan: Plan) -> str:
+    vr, rec = plan.extra["version"], plan.extra.get("record")
+    if rec is None:
+        return f"version {vr.version - 1} is current: nothing changed"
+    c = rec["counts"]
+    return (
+        f"version {rec['version']}: {c['rows']} rows, {c['embedded']} embedded, {c['reused']} reused, "
+        f"{c['upserted']} upserted, {c['deleted']} deleted, {c['quarantined']} quarantined"
+    )
+
+
+def _id_type(output: str, parent: dict[str, Any] | None, so: dict[str, Any] | None) -> str | None:
+    """The snapshot's id type (from one file's footer), so the deletes delta keeps the input's id type."""
+    if not parent or not parent["files"]:
+        return None
+    import pyarrow.parquet as pq
+
+    fs, path = storage.get_fs(storage.join(output, parent["files"][0]), so)
+    with fs.open(path, "rb") as f:
+        return str(pq.read_schema(f).field("id").type)

@@ -133,12 +133,87 @@ def read_shard(
         yield _stamp(pending, done)
 
 
-def read_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
-    """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory)."""
+def read_shards(batch: dict[str, np.ndarray], *, vec_width: int = 0, **kwargs: Any) -> Iterator[pa.Table]:
+    """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory),
+    each row with its ``content_hash`` and what the match pass decided for it (pipelines/jobs/refresh.py)."""
     for i in range(len(batch["url"])):
+        work = str(batch["work"][i]) if "work" in batch else ""
+        cursor = WorkCursor(work or None, kwargs.get("storage_options"))
         for block in read_shard(parts.shard_from_item(batch, i), **kwargs):
             telemetry.record(telemetry.ROWS_READ, len(block), stage="read")
-            yield parts.add_retries(block)
+            yield parts.add_retries(annotate(block, cursor, kwargs["text_column"], vec_width))
+
+
+class WorkCursor:
+    """A shard's work file (sorted by row offset) read along the shard's blocks, which come in offset order: it
+    holds one batch of decisions at a time, never the shard's."""
+
+    def __init__(self, url: str | None, storage_options: dict[str, Any] | None):
+        self._batches = self._read(url, storage_options) if url else iter(())
+        self._buf: pa.Table | None = None
+        self._done = not url
+
+    @staticmethod
+    def _read(url: str, storage_options: dict[str, Any] | None) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        fs, path = storage.get_fs(url, storage_options)
+        with fs.open(path, "rb") as f:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=16384):
+                yield pa.Table.from_batches([b])
+
+    def take(self, lo: int, hi: int) -> pa.Table | None:
+        """The decisions for row offsets in [lo, hi]; the ones below ``lo`` are dropped (their rows have passed)."""
+        if self._done and self._buf is None:
+            return None
+        while not self._done and (self._buf is None or self._buf["offset"][-1].as_py() < hi):
+            nxt = next(self._batches, None)
+            if nxt is None:
+                self._done = True
+            elif len(nxt):
+                self._buf = nxt if self._buf is None else pa.concat_tables([self._buf, nxt])
+        if self._buf is None:
+            return None
+        off = self._buf["offset"]
+        out = self._buf.filter(pc.and_(pc.greater_equal(off, lo), pc.less_equal(off, hi)))
+        rest = self._buf.filter(pc.greater(off, hi))
+        self._buf = rest if len(rest) else None
+        return out
+
+
+def annotate(block: pa.Table, cursor: WorkCursor, text_column: str, vec_width: int) -> pa.Table:
+    """Add ``content_hash``, ``_reuse`` / ``_upsert`` (the parent's vector is reused; the row is also upserted) and
+    ``_vec`` (that vector's bytes), and quarantine the duplicate ids the match pass found."""
+    n = len(block)
+    DUPLICATE, REUSE, UPSERT = parts.DUPLICATE, parts.REUSE, parts.UPSERT  # noqa: N806 (module constants)
+
+    action = np.full(n, -1, np.int8)
+    vec = pa.nulls(n, pa.binary(vec_width))
+    if n:
+        offsets = block["_offset"].to_numpy()
+        w = cursor.take(int(offsets.min()), int(offsets.max()))
+        if w is not None and len(w):
+            pos = np.searchsorted(offsets, w["offset"].to_numpy())  # a shard's blocks are sorted by offset
+            action[pos] = w["action"].to_numpy()
+            index = np.full(n, -1, np.int64)
+            index[pos] = np.arange(len(w))
+            vec = w["vec"].take(pa.array(index, mask=index < 0))
+            errors, types = block["error"].to_pylist(), block["error_type"].to_pylist()
+            for p, a, m in zip(pos, w["action"].to_pylist(), w["message"].to_pylist()):
+                if a == DUPLICATE and errors[p] is None:
+                    errors[p], types[p] = m, "DuplicateId"
+            block = block.set_column(block.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+            i = block.schema.get_field_index("error_type")
+            block = block.set_column(i, "error_type", pa.array(types, pa.string()))
+    texts = block[text_column] if text_column in block.column_names else pa.nulls(n, pa.string())
+    hashes = parts.content_hashes(pc.if_else(pc.is_null(block["error"]), texts, pa.scalar(None, texts.type)))
+    reuse = (action == REUSE) | (action == UPSERT)
+    return (
+        block.append_column("content_hash", hashes)
+        .append_column("_reuse", pa.array(reuse))
+        .append_column("_upsert", pa.array(action == UPSERT))
+        .append_column("_vec", vec)
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- tokenize
@@ -200,11 +275,18 @@ def tokenize_block(
     enc = _encoder(model, revision, max_length, instruction, storage_options)
     texts = table[text_column].to_pylist()
     errors, types = table["error"].to_pylist(), table["error_type"].to_pylist()
-    encoded, poison = encode_bisecting(enc, [t if p is None else "" for t, p in zip(texts, errors)])
-    for i, err in enumerate(encoded.errors):
-        if err is not None and errors[i] is None:
-            errors[i], types[i] = err, "TokenizerError" if i in poison else "InvalidText"
-    ids = [x if e is None else x[:0] for x, e in zip(encoded.ids, errors)]
+    reuse = table["_reuse"].to_pylist() if "_reuse" in table.column_names else [False] * len(texts)
+    # Only rows the model will see: quarantined rows and rows whose vector the parent version gives are skipped.
+    todo = [i for i, (e, r) in enumerate(zip(errors, reuse)) if e is None and not r]
+    encoded, poison = encode_bisecting(enc, [texts[i] for i in todo])
+    ids = [np.zeros(0, dtype=np.int32)] * len(texts)
+    truncated = np.zeros(len(texts), dtype=bool)
+    for j, i in enumerate(todo):
+        err = encoded.errors[j]
+        if err is not None:
+            errors[i], types[i] = err, "TokenizerError" if j in poison else "InvalidText"
+        else:
+            ids[i], truncated[i] = encoded.ids[j], encoded.truncated[j]
     out = table.drop_columns([text_column]) if drop_text else table
     out = out.set_column(out.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     out = out.set_column(out.schema.get_field_index("error_type"), "error_type", pa.array(types, pa.string()))
@@ -213,7 +295,7 @@ def tokenize_block(
         parts.add_retries(out)
         .append_column("input_ids", ids_to_arrow(ids))
         .append_column("num_tokens", pa.array(lengths, pa.int32()))
-        .append_column("truncated", pa.array(encoded.truncated & (lengths > 0)))
+        .append_column("truncated", pa.array(truncated & (lengths > 0)))
     )
 
 
@@ -266,6 +348,17 @@ class EmbedStage:
         return self.embedder(_set_error(batch, describe(e, "model"), "ModelError"))  # an error row: no forward
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if "_reuse" in batch.column_names and pc.any(batch["_reuse"]).as_py():
+            # Rows whose vector the parent version holds never reach the model: their ``_vec`` becomes the vector.
+            mask = batch["_reuse"]
+            done = reused_vectors(batch.filter(mask), self.embedder.dim, self.embedder.out_dtype)
+            todo = batch.filter(pc.invert(mask))
+            out = pa.concat_tables([self._embed(todo), done]) if len(todo) else done
+        else:
+            out = self._embed(batch)
+        return out.drop_columns(["_vec"]) if "_vec" in out.column_names else out
+
+    def _embed(self, batch: pa.Table) -> pa.Table:
         t0, before = time.perf_counter(), (self.stats.rows, self.stats.tokens, self.stats.padded_tokens)
         out = bisect_call(
             self.model_call,
@@ -281,78 +374,10 @@ class EmbedStage:
         return parts.add_retries(out.drop_columns(["input_ids"]))
 
 
-# ----------------------------------------------------------------------------------------------------------- write
+def reused_vectors(batch: pa.Table, dim: int, dtype) -> pa.Table:
+    """Reused rows as the model stage's output: ``_vec`` (the parent's vector bytes) as the ``embedding`` column."""
+    from operators.embedder import vectors_to_arrow
 
-
-def write_parts(
-    table: pa.Table,
-    *,
-    output: str,
-    id_column: str,
-    passthrough: tuple[str, ...],
-    metadata: dict[str, str],
-    storage_options: dict[str, Any] | None = None,
-    rows_per_part: int | None = None,
-) -> pa.Table:
-    """Write each shard's rows of this block as immutable parts of at most ``rows_per_part`` rows (None: one part),
-    named by the shard and the part's first row offset, plus a quarantine part for each part's bad rows. Returns one
-    small record per part for the driver's commit."""
-    records = []
-    retries = storage.take_retries()
-    if "_retries" in table.column_names:
-        retries += int(pc.sum(table["_retries"]).as_py() or 0)
-    for stem in pc.unique(table["_shard"]).to_pylist():
-        shard_rows = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
-        step = rows_per_part or len(shard_rows)
-        for start in range(0, len(shard_rows), step):
-            sub = shard_rows.slice(start, step)
-            records.append(_write_part(sub, stem, output, id_column, passthrough, metadata, storage_options))
-    if records:
-        records[0]["retries"] = retries
-    telemetry.record(telemetry.ROWS_QUARANTINED, sum(r["errors"] for r in records), stage="write")
-    telemetry.record(telemetry.STORAGE_RETRIES, retries, stage="write")
-    return parts.records_table(records)
-
-
-def _write_part(
-    sub: pa.Table,
-    stem: str,
-    output: str,
-    id_column: str,
-    passthrough: tuple[str, ...],
-    metadata: dict[str, str],
-    storage_options: dict[str, Any] | None,
-) -> dict[str, Any]:
-    first = int(sub["_offset"][0].as_py())
-    bad_mask = pc.is_valid(sub["error"])
-    good, bad = sub.filter(pc.invert(bad_mask)), sub.filter(bad_mask)
-    rec = parts.record(
-        stem,
-        first,
-        rows=len(good),
-        errors=len(bad),
-        tokens=int(pc.sum(good["num_tokens"]).as_py() or 0) if len(good) else 0,
-        truncated=int(pc.sum(good["truncated"].cast(pa.int64())).as_py() or 0) if len(good) else 0,
-        shard_rows=int(pc.max(sub["_shard_rows"]).as_py()),
-    )
-    if len(good):
-        data = pa.table({"id": good[id_column], "embedding": good["embedding"], **{c: good[c] for c in passthrough}})
-        rel = f"data/{parts.part_name(stem, first)}"
-        parts.write_parquet(parts.with_metadata(data, metadata), storage.join(output, rel), storage_options)
-        rec["file"] = rel
-    if len(bad):
-        ids = bad[id_column] if id_column in bad.column_names else pa.nulls(len(bad))
-        errs = pa.table(
-            {
-                "id": pa.array([None if v is None else str(v) for v in ids.to_pylist()], pa.string()),
-                "shard": pa.array([stem] * len(bad), pa.string()),
-                "row_offset": bad["_offset"],
-                "error_type": bad["error_type"],
-                "message": bad["error"],
-            },
-            schema=parts.ERROR_SCHEMA,
-        )
-        rel = f"_errors/{parts.part_name(stem, first)}"
-        parts.write_parquet(errs, storage.join(output, rel), storage_options)
-        rec["errors_file"] = rel
-    return rec
+    flat = np.frombuffer(b"".join(batch["_vec"].to_pylist()), dtype=dtype).reshape(len(batch), dim)
+    out = parts.add_retries(batch.drop_columns(["input_ids"]))
+    return out.append_column("embedding", vectors_to_arrow(flat, np.ones(len(batch), dtype=bool)))
