@@ -4,8 +4,9 @@ A job (pipelines/jobs/) declares its config, its input shards, its plan (model c
 records), its stages and its summary line. The runner owns the rest, the same way for every job:
 
     list + validate inputs -> output-inside-input check -> job.plan -> lease (+ abort unfinished uploads)
-    -> marker diff -> Ray Data graph from the declared stages (or the job's own execute hook) -> record loop with
-    shard commits beside it -> error-ratio gate -> job.finish -> manifest -> lease release -> summary
+    -> marker diff (or the job's prepare hook: the embed job's match pass) -> Ray Data graph from the declared
+    stages (or the job's own execute hook) -> record loop with shard commits beside it -> error-ratio gate
+    -> job.finish -> manifest (or the job's commit hook: the embed job's version record) -> lease release -> summary
 
 The driver sees one small record per written part (pipelines/parts.py RECORD_SCHEMA), so its memory does not grow
 with the corpus; commits run on a small thread pool, so a slow store does not stall the loop that consumes the graph.
@@ -131,8 +132,32 @@ def _records(job: Job, plan: Plan, pending: list[Shard]) -> Iterator[dict[str, A
     if execute is not None:  # a job that drives its own Ray work (search) still yields part records
         yield from execute(plan, pending)
         return
-    for batch in build_graph(job, plan, pending).iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from batch.to_pylist()
+    batches = iter(build_graph(job, plan, pending).iter_batches(batch_format="pyarrow", batch_size=None))
+    try:
+        for batch in batches:
+            yield from batch.to_pylist()
+    except Exception as e:
+        # The graph failed (a task raised). Ray Data then shuts its executor down without force: its pools' actors
+        # are only unreferenced, not killed, and the executor sits in reference cycles (through this exception's
+        # traceback too), so they live on, each booking its CPUs/GPUs, until the garbage collector happens to run;
+        # the next job in this process waits for them (on a small local Ray, for ever). Release them now: clear the
+        # locals of the traceback's finished frames, then collect; the actors exit once unreferenced.
+        import gc
+        import traceback
+
+        seen, todo = set(), [e]
+        while todo:
+            x = todo.pop()
+            if x is not None and id(x) not in seen:
+                seen.add(id(x))
+                traceback.clear_frames(x.__traceback__)
+                todo += [x.__cause__, x.__context__]
+        gc.collect()
+        raise
+    finally:
+        # A record loop that stops early (it raised, or lost the lease) closes this generator: shut the executor
+        # down now, with force (its actors are killed), not whenever the garbage collector reaches it.
+        batches.close()
 
 
 class Runner:
@@ -231,12 +256,18 @@ class Runner:
         shards = {s.stem: commit.ShardProgress(s) for s in pending}
         telemetry.record(telemetry.SHARDS_PLANNED, len(pending), stage="driver", job=self.cfg.output)
         futures: dict[str, Future] = {}
-        with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="rayembed-commit") as pool:
+        records = _records(self.job, plan, pending)
+        # Closed on any exit, before the pool waits for its commits: a graph that failed or was abandoned frees its
+        # Ray resources at once (see _records).
+        with (
+            ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="rayembed-commit") as pool,
+            contextlib.closing(records),
+        ):
 
             def submit(p: commit.ShardProgress) -> None:
                 futures[p.shard.stem] = pool.submit(self._commit, p, plan, progress)
 
-            for rec in _records(self.job, plan, pending):
+            for rec in records:
                 lease.check()
                 p = shards[rec["shard"]]
                 p.add(rec)

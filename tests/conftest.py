@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -18,6 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Model copies from s3:// land in a per-session cache; set before Ray starts so its workers inherit it.
 os.environ.setdefault("RAYEMBED_CACHE", tempfile.mkdtemp(prefix="rayembed-cache-"))
+# A Ray Data graph that stops moving fails after 5 minutes with Ray Data's own report of the stalled operators, not
+# after its default 30 (set before ray.data is imported: it is read then, here and in every job subprocess).
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+RELEASE_TIMEOUT_S = 60  # how long a test's Ray jobs may take to hand back the session Ray's CPUs and GPUs
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +121,9 @@ def s3_server():
     server.stop()
 
 
+_SESSION_RAY: dict[str, str] = {}  # the GCS address of ray_local's Ray, once started
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One in-process Ray for the whole session (2 CPUs here); tests that need their own cluster make one."""
@@ -123,5 +132,50 @@ def ray_local():
     if not ray.is_initialized():
         # address="local": a bare ray.init() would attach to any cluster recorded in /tmp/ray (even a dead one).
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _SESSION_RAY["gcs"] = ray.get_runtime_context().gcs_address
     yield ray
+    _SESSION_RAY.clear()
     ray.shutdown()
+
+
+def _booked() -> dict[str, float]:
+    """CPUs and GPUs of the session Ray that something still books."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    used = {k: total.get(k, 0.0) - free.get(k, 0.0) for k in ("CPU", "GPU")}
+    return {k: v for k, v in used.items() if v > 1e-6}
+
+
+@pytest.fixture(autouse=True)
+def ray_resources_released():
+    """After each test, every CPU and GPU of the session Ray is free again. On 2 CPUs one leaked model actor is
+    enough to starve the next job's read tasks for ever, so a test whose jobs leave actors or tasks behind fails
+    here, naming them, instead of hanging whichever test comes next."""
+    yield
+    if not _SESSION_RAY:
+        return
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().gcs_address != _SESSION_RAY["gcs"]:
+        return
+    booked = _booked()
+    if not booked:
+        return
+    gc.collect()  # actors kept only by unreachable reference cycles exit once collected
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while booked and time.monotonic() < deadline:
+        time.sleep(0.2)
+        booked = _booked()
+    if booked:
+        try:
+            from ray._private.state import actors
+
+            live = sorted(a["ActorClassName"] for a in actors().values() if a["State"] != "DEAD")
+        except Exception as e:  # the names are a diagnostic only
+            live = [f"(actor list unavailable: {e})"]
+        pytest.fail(
+            f"the session Ray still books {booked} {RELEASE_TIMEOUT_S}s after the test (leaked by its jobs); "
+            f"live actors: {live}",
+            pytrace=False,
+        )

@@ -121,7 +121,9 @@ def new_keys(shard: Shard, src: int, *, cfg: dict[str, Any], width: int, buckets
         rows_per_block=65536,
         storage_options=cfg["storage_options"],
     ):
-        good = block.filter(pc.and_(pc.is_null(block["error"]), pc.is_valid(block[ident])))
+        # A null text is quarantined later (by the tokenize stage): it is no key, so a valid copy of its id is kept.
+        valid = pc.and_(pc.is_valid(block[ident]), pc.is_valid(block[text]))
+        good = block.filter(pc.and_(pc.is_null(block["error"]), valid))
         if not len(good):
             continue
         good = good.append_column("_key_value", good[ident])
@@ -232,12 +234,11 @@ def match_bucket(
         out.append(_match_parent(kept, old, width))
     bucket = int(t["_bucket"][0].as_py()) if len(t) else 0
     gone = old.select(["_key"]).join(kept.select(["_key"]), "_key", join_type="left anti")
-    rel = None
-    if len(gone):
+    if len(gone):  # a bucket record only where there are deletes: a backfill without duplicates decides nothing
         ids = gone["_key"] if id_type is None else pc.cast(gone["_key"], pa.type_for_alias(id_type))
         rel = f"{deletes_dir}/b{bucket:05d}.parquet"
         parts.write_parquet(pa.table({"id": ids}), storage.join(output, rel), storage_options)
-    out.append(_decisions(width, _src=[-1], _offset=[bucket], _action=[BUCKET], _count=[len(gone)], _file=[rel]))
+        out.append(_decisions(width, _src=[-1], _offset=[bucket], _action=[BUCKET], _count=[len(gone)], _file=[rel]))
     return pa.concat_tables(out)
 
 

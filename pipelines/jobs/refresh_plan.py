@@ -181,6 +181,12 @@ def run_match(job, plan, shards: list[Shard]) -> dict[str, Any]:
                 "storage_options": so,
             },
         )
+        if not vr.refresh:
+            # A backfill decides only its duplicates (rare; a refresh's decisions carry vectors and stream on): with
+            # none, there is no work file to write and no second shuffle to run.
+            decided = decided.materialize()
+            if decided.count() == 0:
+                return {"work": {}, "carried": [], "deletes": [], "deleted": 0}
         routed = decided.groupby("_src", num_partitions=min(len(shards) + 1, 200)).map_groups(
             refresh.write_work,
             batch_format="pyarrow",
