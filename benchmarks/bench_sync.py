@@ -1,11 +1,11 @@
 """`rayembed sync` throughput and memory: rows/s of the bulk load and of applying a 2% delta, into LanceDB and into
 PostgreSQL + pgvector (pgserver), and the peak RSS of the syncing process for a small and a large output.
 
-For each size, an output is written through pipelines/versions.py: version 1 (a backfill, parts of 10,000 rows) and
-version 2 (a 2% delta: 1% changed, 0.5% deleted, 0.5% new rows). Each (store, size) runs in a fresh child process:
-bulk-load version 1, then apply version 2. rows/s: snapshot rows over the bulk load's wall time, and delta rows
-(upserts + deletes) over the apply's. Peak RSS: the child's ``ru_maxrss``. The issue's target: peak RSS at 200k rows
-within 100 MB of the peak at 10k (the sync streams; memory does not grow with the snapshot).
+For each size, an output is written through pipelines/versions.py, in the embed job's layout: version 1 (a backfill,
+parts of 10,000 rows) and version 2 (a 2% delta: 1% changed, 0.5% deleted, 0.5% new rows). Each (store, size) runs
+in a fresh child process: bulk-load version 1, then apply version 2. rows/s: snapshot rows over the bulk load's wall
+time, and delta rows (upserts + deletes) over the apply's. Peak RSS: the child's ``ru_maxrss``. The issue's target:
+peak RSS at 200k rows within 100 MB of the peak at 10k (the sync streams; memory does not grow with the snapshot).
 
     python benchmarks/bench_sync.py                      # 10k and 200k rows, dim 256, both stores
     python benchmarks/bench_sync.py --sizes 2000,20000   # a quick run
@@ -38,7 +38,7 @@ PART_ROWS = 10_000  # equal parts at every size: a reader holds one row group of
 def _schema(dim: int) -> pa.Schema:
     return pa.schema(
         [
-            pa.field("id", pa.int64(), nullable=False),
+            pa.field("id", pa.int64()),
             pa.field("embedding", pa.list_(pa.float32(), dim)),
             pa.field("content_hash", pa.binary(16)),
             pa.field("title", pa.string()),
@@ -69,15 +69,15 @@ def build_output(out: str, n: int, dim: int) -> tuple[int, int]:
 
     rng = np.random.default_rng(n)
     files = []
-    for k, start in enumerate(range(0, n, PART_ROWS)):
-        rel = f"data/part-{k:04d}-v1.parquet"
+    for start in range(0, n, PART_ROWS):
+        rel = f"data/bench-{start:012d}-v00000001.parquet"  # the embed job's part names
         pq.write_table(_rows(np.arange(start, min(n, start + PART_ROWS)), dim, rng), os.path.join(out, rel))
         files.append(rel)
     versions.commit_version(out, versions.make_record(1, "bench", files, counts={"rows": n}))
     changed = rng.choice(n, n // 100, replace=False)
     deleted = np.setdiff1d(rng.choice(n, n // 100, replace=False), changed)[: n // 200]
     new = np.arange(n, n + n // 200)
-    up, dele = "_deltas/00000002/upserts/part-0000.parquet", "_deltas/00000002/deletes/part-0000.parquet"
+    up, dele = "_deltas/00000002/upserts/bench-000000000000.parquet", "_deltas/00000002/deletes/b00000.parquet"
     os.makedirs(os.path.join(out, os.path.dirname(up)))
     os.makedirs(os.path.join(out, os.path.dirname(dele)))
     pq.write_table(_rows(np.sort(np.concatenate([changed, new])), dim, rng), os.path.join(out, up))

@@ -1,8 +1,10 @@
 """`rayembed sync` into LanceDB (embedded) and PostgreSQL + pgvector (a real server from pgserver), on versioned
-fixture outputs. Every check compares the store with the snapshot read through the output's version records."""
+fixture outputs in the embed job's layout (tests/version_fixtures.py; tests/test_sync_e2e.py runs the embed job
+itself). Every check compares the store with the snapshot read through `rayembed files`."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -12,20 +14,25 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from operators import storage
 from pipelines import cli, versions
 from pipelines.lease import lease_state, lease_url
 from pipelines.sync import SyncError, sync
+from tests import version_fixtures
 from tests.version_fixtures import (
     LanceTarget,
     PgTarget,
-    VersionedOutput,
     add_password_role,
     assert_matches,
+    other_writer,
     start_pg,
 )
+
+# Outputs in the embed job's layout, one upserts file per rewritten part (several files per version's delta).
+VersionedOutput = functools.partial(version_fixtures.VersionedOutput, delta_parts=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORD = "s3cr3t-Pw-for-the-test"
@@ -189,6 +196,54 @@ def test_float16_vectors_and_string_ids(target, table, tmp_path):
     _refresh(vo)  # string ids with quotes in them, deleted and upserted
     assert sync(out, target.to, table).applied == [2]
     assert_matches(target, table, out)
+
+
+def test_a_refresh_from_another_writer_keeps_the_store_types(target, table, tmp_path):
+    """A refresh whose input was rewritten by another writer (large_string, int64, ns: the same output key) applies,
+    cast to the store's column types; a value that does not fit them is refused with one line."""
+    out = str(tmp_path / "out")
+    vo = VersionedOutput(out)
+    vo.backfill(40)
+    sync(out, target.to, table)
+    vo.schema = other_writer(vo.schema)
+    _refresh(vo)
+    assert sync(out, target.to, table).applied == [2]
+    assert_matches(target, table, out)
+    if target.kind == "pg":
+        types = target.column_types(table)
+        assert (types["n"], types["title"], types["tags"]) == ("integer", "text", "jsonb")
+    else:
+        schema = target._table(table).schema
+        assert (schema.field("n").type, schema.field("title").type) == (pa.int32(), pa.string())
+    vo.rows[5]["n"] = 2**40  # the store's column is int32
+    vo.refresh(changed=[1, 21], passthrough_only=[5])  # one upserts file: 1, 5, 21
+    with pytest.raises(SyncError, match=r"column 'n' \(int64\) does not fit the store's int32: Integer value 10"):
+        sync(out, target.to, table, batch_rows=1)  # the second batch: LanceDB's reader is reading when it fails
+    assert sync(out, target.to, table, version=2).applied == []  # still at version 2
+
+
+def test_castable_kinds():
+    """Another width or encoding of the same kind of value casts (values allowing); another kind never does."""
+    from pipelines.sync.base import castable
+
+    ts = pa.timestamp
+    for src, dst in [
+        (pa.large_string(), pa.string()),
+        (pa.int64(), pa.int32()),
+        (pa.float64(), pa.int64()),  # pandas' ints with nulls: each value is checked by the cast
+        (ts("ns", tz="UTC"), ts("us", tz="UTC")),
+        (pa.large_list(pa.large_string()), pa.list_(pa.string())),
+        (pa.dictionary(pa.int32(), pa.string()), pa.string()),
+    ]:
+        assert castable(src, dst), (src, dst)
+    for src, dst in [
+        (pa.string(), pa.int64()),
+        (pa.binary(), pa.binary(16)),
+        (ts("us"), ts("us", tz="UTC")),
+        (pa.list_(pa.float32(), 8), pa.list_(pa.float32(), 16)),
+        (pa.list_(pa.string()), pa.string()),
+    ]:
+        assert not castable(src, dst), (src, dst)
 
 
 def test_index_hnsw_after_the_bulk_load(target, table, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -25,13 +26,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators import storage
-from pipelines import versions
+from pipelines import parts, versions
 
+PASSTHROUGH = ["title", "n", "score", "flag", "published", "tags"]
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-COLUMNS = ["content_hash", "title", "n", "score", "flag", "published", "tags"]  # compared besides id, embedding
+DELETE_BUCKETS = 2  # the match pass's buckets: one deletes file per bucket that has deletes
 
 
 class VersionedOutput:
+    """A chain of versions in the embed job's layout (notes/REFRESH.md): input shards ``shardNN`` (rows sorted by id)
+    as parts ``data/<stem>-<offset:012d>-v<version:08d>.parquet`` of ``rows_per_part`` rows; the upserted rows of each
+    rewritten part in ``_deltas/<version>/upserts/<stem>-<offset:012d>.parquet``; the deleted ids in ``_deltas/
+    <version>/deletes/b<bucket:05d>.parquet``; records with the job's counts, totals and shards map.
+
+    ``delta_parts=False`` writes each version's upserts as one file (``all-000000000000.parquet``), as earlier
+    fixtures did: tests/test_versions.py counts the files vacuum removes."""
+
     def __init__(
         self,
         output: str,
@@ -42,18 +52,24 @@ class VersionedOutput:
         shards: int = 4,
         output_key: str = "key-a",
         seed: int = 0,
-        rows_per_delta_file: int = 50,
+        rows_per_part: int = 1024,
+        delta_parts: bool = False,
     ):
         self.output, self.dim, self.dtype, self.id_type = output, dim, dtype, id_type
-        self.shards, self.output_key, self.rows_per_delta_file = shards, output_key, rows_per_delta_file
+        self.shards, self.output_key, self.rows_per_part, self.delta_parts = (
+            shards,
+            output_key,
+            rows_per_part,
+            delta_parts,
+        )
         self.rng = np.random.default_rng(seed)
         self.rows: dict[Any, dict[str, Any]] = {}  # the latest snapshot: id -> row
         self.history: dict[int, dict[Any, dict[str, Any]]] = {}  # version -> its snapshot
-        self.shard_files: dict[int, list[str]] = {}
+        self.shard_entries: dict[str, dict[str, Any]] = {}  # stem -> its entry in the record's shards map
         self.version = 0
         self.schema = pa.schema(
             [
-                pa.field("id", pa.int64() if id_type == "int64" else pa.string(), nullable=False),
+                pa.field("id", pa.int64() if id_type == "int64" else pa.string()),
                 pa.field("embedding", pa.list_(pa.float32() if dtype == "float32" else pa.float16(), dim)),
                 pa.field("content_hash", pa.binary(16)),
                 pa.field("title", pa.string()),
@@ -63,11 +79,16 @@ class VersionedOutput:
                 pa.field("published", pa.timestamp("us", tz="UTC")),
                 pa.field("tags", pa.list_(pa.string())),
             ],
-            metadata={
+            metadata={  # what the embed job writes in every part's footer
+                b"rayembed.version": b"0.1.0",
                 b"rayembed.model": b"fixture",
+                b"rayembed.revision": b"",
                 b"rayembed.dim": str(dim).encode(),
+                b"rayembed.normalized": b"l2",
+                b"rayembed.pooling": b"lasttoken",
+                b"rayembed.instruction": b"",
+                b"rayembed.max_length": b"8192",
                 b"rayembed.dtype": dtype.encode(),
-                b"rayembed.output_key": output_key.encode(),
             },
         )
 
@@ -89,7 +110,7 @@ class VersionedOutput:
         return {
             "id": id_,
             "embedding": self._vector(),
-            "content_hash": hashlib.md5(text.encode()).digest(),
+            "content_hash": hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(),
             "title": f"title {id_} / {title_rev}",
             "n": None if i % 7 == 0 else i * 3 + title_rev,
             "score": i / 9 + rev,
@@ -98,10 +119,10 @@ class VersionedOutput:
             "tags": [f"t{i % 3}", f"r{rev}"] if i % 5 else [],
             "_rev": rev,
             "_title_rev": title_rev,
+            "_tokens": 6,
         }
 
     def _table(self, rows: list[dict[str, Any]]) -> pa.Table:
-        rows = sorted(rows, key=lambda r: r["id"])
         return pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], self.schema)
 
     def _write(self, rel: str, table: pa.Table) -> str:
@@ -115,7 +136,7 @@ class VersionedOutput:
         for i in range(n):
             id_ = self.make_id(i)
             self.rows[id_] = self._row(id_, 0)
-        return self._commit(set(range(self.shards)), [], [])
+        return self._commit(set(range(self.shards)), set(), [], embedded=n)
 
     def refresh(
         self,
@@ -127,7 +148,6 @@ class VersionedOutput:
     ) -> dict[str, Any]:
         """A version in which the given ids' texts changed (new vector), disappeared, appeared, or only their
         pass-through columns changed (same vector and content hash)."""
-        touched, upserts = set(), []
         for id_ in changed:
             old = self.rows[id_]
             self.rows[id_] = self._row(id_, old["_rev"] + 1, old["_title_rev"])
@@ -145,41 +165,87 @@ class VersionedOutput:
             self.rows[id_] = self._row(id_, 0)
         for id_ in deleted:
             del self.rows[id_]
-        for id_ in (*changed, *passthrough_only, *new):
-            upserts.append(self.rows[id_])
-        touched = {self.shard_of(i) for i in (*changed, *passthrough_only, *new, *deleted)}
-        return self._commit(touched, upserts, list(deleted))
+        upserts = {*changed, *passthrough_only, *new}
+        touched = {self.shard_of(i) for i in (*upserts, *deleted)}
+        return self._commit(touched, upserts, list(deleted), embedded=len({*changed, *new}))
 
-    def _commit(self, touched: set[int], upserts: list[dict[str, Any]], deleted: list[Any]) -> dict[str, Any]:
+    def _write_shard(self, s: int, n: int, upserts: set[Any]) -> tuple[dict[str, Any], list[dict], list[str]]:
+        """Shard ``s``'s parts of version ``n``: its entry in the record, its upserted rows and their delta files."""
+        stem = f"shard{s:02d}"
+        rows = sorted((r for i, r in self.rows.items() if self.shard_of(i) == s), key=lambda r: r["id"])
+        files, ups, rels = [], [], []
+        for first in range(0, len(rows), self.rows_per_part):
+            part = rows[first : first + self.rows_per_part]
+            files.append(self._write(f"data/{stem}-{first:012d}-v{n:08d}.parquet", self._table(part)))
+            up = [r for r in part if r["id"] in upserts]
+            if up and n > 1 and self.delta_parts:
+                rels.append(self._write(f"_deltas/{n:08d}/upserts/{stem}-{first:012d}.parquet", self._table(up)))
+            ups += up
+        digest = zlib.crc32(repr([(r["id"], r["_rev"], r["_title_rev"]) for r in rows]).encode())
+        entry = {
+            "shard": f"/input/{stem}.parquet",
+            "fingerprint": f"{len(rows) * 100}:{digest}.0",  # the job's is "<size>:<mtime>" of the input file
+            "rows": len(rows),
+            "errors": 0,
+            "tokens": sum(r["_tokens"] for r in rows),
+            "files": files,
+            "error_files": [],
+            "duplicates": 0,
+        }
+        return entry, ups, rels
+
+    def _commit(self, touched: set[int], upserts: set[Any], deleted: list[Any], embedded: int) -> dict[str, Any]:
         n = self.version + 1
+        ups, delta_up = [], []
         for s in sorted(touched):
-            rows = [r for i, r in self.rows.items() if self.shard_of(i) == s]
-            self.shard_files[s] = (
-                [self._write(f"data/shard{s:02d}-v{n:04d}-000000000000.parquet", self._table(rows))] if rows else []
-            )
-        delta_up, delta_del = [], []
-        if n > 1:
-            up_dir, del_dir = f"_deltas/{n:08d}/upserts", f"_deltas/{n:08d}/deletes"
-            step = self.rows_per_delta_file
-            for k in range(0, len(upserts), step):
-                delta_up.append(
-                    self._write(f"{up_dir}/part-{k // step:06d}.parquet", self._table(upserts[k : k + step]))
-                )
-            if deleted:
-                ids = pa.table({"id": pa.array(sorted(deleted), self.schema.field("id").type)})
-                delta_del.append(self._write(f"{del_dir}/part-000000.parquet", ids))
-        files = sorted(f for fs in self.shard_files.values() for f in fs)
+            self.shard_entries[f"shard{s:02d}"], up, rels = self._write_shard(s, n, upserts)
+            ups, delta_up = ups + up, delta_up + rels
+        up_dir, del_dir = f"_deltas/{n:08d}/upserts", f"_deltas/{n:08d}/deletes"
+        if n > 1 and ups and not self.delta_parts:
+            table = self._table(sorted(ups, key=lambda r: r["id"]))
+            delta_up.append(self._write(f"{up_dir}/all-000000000000.parquet", table))
+        delta_del = []
+        if deleted:
+            keys = pa.array([str(i) for i in deleted])
+            for b in sorted(set(parts.key_buckets(keys, DELETE_BUCKETS).tolist())):
+                ids = [i for i, k in zip(deleted, parts.key_buckets(keys, DELETE_BUCKETS)) if k == b]
+                rel = f"{del_dir}/b{b:05d}.parquet"
+                delta_del.append(self._write(rel, pa.table({"id": pa.array(ids, self.schema.field("id").type)})))
+        entries = dict(sorted(self.shard_entries.items()))
+        files = sorted(f for e in entries.values() for f in e["files"])
+        rows = len(self.rows)
         record = versions.make_record(
             n,
             self.output_key,
             files,
-            config={"fixture": True},
-            model={"source": "fixture", "dim": self.dim, "dtype": self.dtype},
+            config={"model": "fixture", "output_dtype": self.dtype, "passthrough": PASSTHROUGH, "id_column": "id"},
+            model={
+                "source": "fixture",
+                "revision": None,
+                "config_sha256": "0" * 16,
+                "dim": self.dim,
+                "family": "fixture",
+                "hidden_size": self.dim,
+                "pooling": "lasttoken",
+            },
             upserts=delta_up,
             deletes=delta_del,
-            counts={"rows": len(self.rows), "upserted": len(upserts), "deleted": len(deleted)},
-            totals={"rows": len(self.rows), "files": len(files)},
+            counts={
+                "rows": rows,
+                "embedded": embedded,
+                "reused": rows - embedded if n > 1 else 0,
+                "upserted": rows if n == 1 else len(upserts),
+                "deleted": len(deleted),
+            },
+            totals={
+                "shards": len(entries),
+                "rows": rows,
+                "errors": 0,
+                "tokens": sum(e["tokens"] for e in entries.values()),
+                "files": len(files),
+            },
         )
+        record["shards"] = entries
         versions.commit_version(self.output, record)
         self.version = n
         self.history[n] = dict(self.rows)
@@ -195,11 +261,33 @@ class VersionedOutput:
         return sorted(self.rows)
 
 
+def files_urls(output: str, version: int | None = None) -> list[str]:
+    """The URLs ``rayembed files OUTPUT [--version N]`` prints."""
+    from pipelines import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["files", output, *(["--version", str(version)] if version is not None else [])])
+    assert rc == 0, f"rayembed files {output} exited {rc}"
+    return buf.getvalue().split()
+
+
+def other_writer(schema: pa.Schema) -> pa.Schema:
+    """The same columns as another writer types them (polars, pandas 3): large strings and lists, int64, ns."""
+    wider = {
+        pa.string(): pa.large_string(),
+        pa.int32(): pa.int64(),
+        pa.list_(pa.string()): pa.large_list(pa.large_string()),
+        pa.timestamp("us", tz="UTC"): pa.timestamp("ns", tz="UTC"),
+    }
+    return pa.schema([pa.field(f.name, wider.get(f.type, f.type), f.nullable) for f in schema], schema.metadata)
+
+
 def read_snapshot(output: str, version: int | None = None) -> pa.Table:
-    """A version's rows read the way a user reads them: through the record's files (``rayembed files``)."""
-    record = versions.latest(output) if version is None else versions.load_version(output, version)
-    tables = [pq.read_table(u) for u in versions.snapshot_urls(output, record)]
-    return pa.concat_tables(tables).sort_by("id") if tables else None
+    """A version's rows read the way a user reads them: the files ``rayembed files`` prints."""
+    tables = [pq.read_table(u).replace_schema_metadata(None) for u in files_urls(output, version)]
+    # A snapshot's parts may type a column differently (an input rewritten by another writer): promote to one type.
+    return pa.concat_tables(tables, promote_options="permissive").sort_by("id") if tables else None
 
 
 # ---------------------------------------------------------------------------------------- stores, as tests see them
@@ -258,12 +346,29 @@ class PgTarget:
             return cur.fetchall() if cur.description else None
 
     def rows(self, table: str) -> list[dict]:
+        """Every column of every row; the embedding (vector or halfvec) as a list of floats."""
         import psycopg
         from psycopg.rows import dict_row
 
-        cols = ", ".join(COLUMNS)
         with psycopg.connect(self.to, row_factory=dict_row) as conn:
-            return conn.execute(f"SELECT id, embedding::real[] AS embedding, {cols} FROM {table}").fetchall()
+            rows = conn.execute(f"SELECT *, embedding::real[] AS _embedding FROM {table}").fetchall()
+        return [{**{k: v for k, v in r.items() if k != "_embedding"}, "embedding": r["_embedding"]} for r in rows]
+
+    def column_types(self, table: str) -> dict[str, str]:
+        rows = self.query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            (table,),
+        )
+        return dict(rows)
+
+    def primary_key(self, table: str) -> list[str]:
+        rows = self.query(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = %s::regclass AND i.indisprimary",
+            (table,),
+        )
+        return [r[0] for r in rows]
 
     def marker(self, table: str):
         """The state row and the newest row version (xmin): any write moves one of them."""
@@ -282,17 +387,27 @@ class PgTarget:
 
 
 def assert_matches(target, table: str, out: str, version: int | None = None) -> None:
-    """The store holds exactly the version's snapshot (read through its record): each id once, vectors within
-    1e-6, the same content hash and pass-through values."""
-    rows = target.rows(table)
+    """The store holds exactly the version's snapshot, read through ``rayembed files``."""
+    check_rows(target.rows(table), read_snapshot(out, version))
+
+
+def check_rows(rows: list[dict], snapshot: pa.Table) -> None:
+    """``rows`` (a store's, as the targets read them) are exactly the snapshot's: each id once and of the same Python
+    type, vectors within 1e-6, the same content hash and pass-through values, and no other column."""
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "an id is in the store twice"
-    expected = {r["id"]: r for r in read_snapshot(out, version).to_pylist()}
-    assert sorted(ids) == sorted(expected)
+    expected = {r["id"]: r for r in snapshot.to_pylist()}
+    assert sorted(ids) == sorted(expected), (
+        f"missing {sorted(set(expected) - set(ids))[:20]}, extra {sorted(set(ids) - set(expected))[:20]}"
+    )
+    columns = [c for c in snapshot.column_names if c not in ("id", "embedding")]
     for row in rows:
         want = expected[row["id"]]
-        assert np.abs(np.asarray(row["embedding"]) - np.asarray(want["embedding"])).max() <= 1e-6
-        assert {c: row[c] for c in COLUMNS} == {c: want[c] for c in COLUMNS}
+        assert type(row["id"]) is type(want["id"]), f"id {row['id']!r} comes back as {type(row['id']).__name__}"
+        assert set(row) == set(snapshot.column_names), f"the store has columns {sorted(row)}"
+        worst = np.abs(np.asarray(row["embedding"], np.float32) - np.asarray(want["embedding"], np.float32)).max()
+        assert worst <= 1e-6, f"id {row['id']!r}: vector {worst:.2e} from the snapshot's"
+        assert {c: row[c] for c in columns} == {c: want[c] for c in columns}, f"id {row['id']!r}"
 
 
 @contextlib.contextmanager

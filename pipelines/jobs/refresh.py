@@ -235,11 +235,20 @@ def match_bucket(
     bucket = int(t["_bucket"][0].as_py()) if len(t) else 0
     gone = old.select(["_key"]).join(kept.select(["_key"]), "_key", join_type="left anti")
     if len(gone):  # a bucket record only where there are deletes: a backfill without duplicates decides nothing
-        ids = gone["_key"] if id_type is None else pc.cast(gone["_key"], pa.type_for_alias(id_type))
+        ids = _typed_ids(gone["_key"], id_type)
         rel = f"{deletes_dir}/b{bucket:05d}.parquet"
         parts.write_parquet(pa.table({"id": ids}), storage.join(output, rel), storage_options)
         out.append(_decisions(width, _src=[-1], _offset=[bucket], _action=[BUCKET], _count=[len(gone)], _file=[rel]))
     return pa.concat_tables(out)
+
+
+def _typed_ids(keys, id_type: str | None):
+    """The deletes' ids back in the snapshot's id type (ints, strings); kept as strings where the type has no cast
+    from its string form."""
+    try:
+        return keys if id_type is None else pc.cast(keys, pa.type_for_alias(id_type))
+    except (ValueError, TypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return keys
 
 
 def _match_parent(kept: pa.Table, old: pa.Table, width: int) -> pa.Table:

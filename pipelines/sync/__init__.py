@@ -5,6 +5,11 @@ each later version in order: its deletes, then its upserts, then the recorded ve
 key, or ahead of the output, is refused. Files stream batch by batch (``ParquetFile.iter_batches``): memory does not
 grow with the snapshot.
 
+The rows go in with the store's column types: those of the snapshot's first file for a new table, the existing
+table's afterwards. A refresh of an input rewritten by another writer keeps its output key but may type a column
+otherwise (large_string for string, int64 for int32, ns timestamps): its files are cast column by column where the
+values fit (``base.castable``), and a value that does not fit is a one-line error naming the file and the column.
+
 Stores (``--to``): ``lancedb://<dir or s3://...>`` (pipelines/sync/lance.py) and any libpq URI
 ``postgresql://...`` (pipelines/sync/postgres.py). Each store implements the small protocol of ``Store`` below.
 """
@@ -168,8 +173,9 @@ def _bulk(
     urls = versions.snapshot_urls(output, record)
     if not urls:
         raise SyncError(f"version {record['version']} of {output!r} has no rows: nothing to create the table from")
-    schema = data_schema(urls, so)
-    store.check_schema(schema)
+    # The first file's schema stands for the snapshot's (reading every footer would cost a request per file); the
+    # other files' columns are cast to it where their values fit, and a file that does not fit is a one-line error.
+    schema = store.check_schema(data_schema(urls, so))
     batches = iter_batches(urls, so, batch_rows_for(schema, batch_rows), schema)
     result.rows = store.bulk_load(record, schema, batches)
     result.loaded = record["version"]
@@ -181,9 +187,9 @@ def _apply(
 ) -> None:
     """One version: its deletes, then its upserts, then the recorded version (PG: all in one transaction)."""
     upserts = versions.delta_urls(output, record, "upserts")
-    schema = data_schema(upserts, so) if upserts else None
-    if schema is not None:
-        store.check_schema(schema)
+    # The store's column types win where the output's values fit them: a refresh of an input rewritten by another
+    # writer (large_string for string, int64 for int32) keeps its output key, so its upserts must still apply.
+    schema = store.check_schema(data_schema(upserts, so)) if upserts else None
     store.begin_version(record, schema)
     deletes = versions.delta_urls(output, record, "deletes")
     result.deleted += store.delete(iter_ids(deletes, so, batch_rows or ID_BATCH_ROWS))

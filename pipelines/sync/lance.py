@@ -18,6 +18,7 @@ deleted and the upserted rows are written again with the same values. One commit
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,7 @@ import pyarrow as pa
 from operators import storage
 from operators.errors import ConfigError
 from pipelines.lease import Lease, LeaseHeldError, describe_holder, lease_url
-from pipelines.sync.base import StoreState, SyncError
+from pipelines.sync.base import StoreState, SyncError, castable
 
 SYNC_FORMAT = "rayembed.sync/1"
 KEY_META = b"rayembed.sync.output_key"
@@ -48,16 +49,21 @@ def _sql_literal(value: Any) -> str:
     raise SyncError(f"ids of Python type {type(value).__name__} are not supported by the LanceDB sync")
 
 
-def schema_diff(expected: pa.Schema, actual: pa.Schema) -> str | None:
-    """The first difference between the output's columns and the table's, as words; None when they match."""
+def conformed(expected: pa.Schema, actual: pa.Schema) -> tuple[pa.Schema | None, str | None]:
+    """The output's columns with the table's types (where a safe cast takes the output's values there), or the first
+    difference between them as words. The vectors must match exactly: dim and element type."""
     have = {f.name: f.type for f in actual}
+    fields = []
     for f in expected:
         if f.name not in have:
-            return f"the table has no column {f.name!r}"
-        if have[f.name] != f.type:
-            return f"column {f.name!r} is {have[f.name]} in the table, {f.type} in the output"
+            return None, f"the table has no column {f.name!r}"
+        if have[f.name] != f.type and (f.name == "embedding" or not castable(f.type, have[f.name])):
+            return None, f"column {f.name!r} is {have[f.name]} in the table, {f.type} in the output"
+        fields.append(pa.field(f.name, have[f.name], f.nullable))
     extra = sorted(set(have) - set(expected.names))
-    return f"the table has columns the output lacks: {', '.join(extra)}" if extra else None
+    if extra:
+        return None, f"the table has columns the output lacks: {', '.join(extra)}"
+    return pa.schema(fields), None
 
 
 class LanceStore:
@@ -112,13 +118,15 @@ class LanceStore:
         version = max(tagged) if tagged else int(meta[LOADED_META])
         return StoreState(meta[KEY_META].decode(), version)
 
-    def check_schema(self, schema: pa.Schema) -> None:
+    def check_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The schema the output's batches take into this table: its own, or the existing table's column types."""
         table = self._open()
         if table is None:
-            return
-        diff = schema_diff(schema, table.schema)
+            return schema
+        target, diff = conformed(schema, table.schema)
         if diff is not None:
             raise SyncError(f"{self.description} exists with an incompatible schema: {diff}")
+        return target
 
     # ----------------------------------------------------------------------------------------------------- load
     def bulk_load(self, record: dict[str, Any], schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> int:
@@ -137,7 +145,8 @@ class LanceStore:
         reader = pa.RecordBatchReader.from_batches(schema.with_metadata(meta), counted)
         # One commit: the rows and the metadata that records them appear together or not at all (a bulk load killed
         # half-way leaves no table, only unreferenced files). "overwrite" replaces an existing empty table.
-        table = self._db.create_table(self.name, data=reader, mode="create" if existing is None else "overwrite")
+        with counted.reraise():
+            table = self._db.create_table(self.name, data=reader, mode="create" if existing is None else "overwrite")
         _tag(table, record["version"])  # the metadata already records the version; the tag names its table version
         return counted.rows
 
@@ -164,7 +173,8 @@ class LanceStore:
         if first is None:
             return 0
         reader = pa.RecordBatchReader.from_batches(first.schema, counted)
-        table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(reader)
+        with counted.reraise():
+            table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(reader)
         return counted.rows
 
     def finish_version(self, record: dict[str, Any]) -> None:
@@ -194,12 +204,24 @@ def _tag(table: Any, version: int) -> None:
 
 
 class _Counter:
-    """An iterator of record batches that counts the rows it hands out and can look at the first one."""
+    """An iterator of record batches that counts the rows it hands out and can look at the first one. An error of
+    the batches (a file that does not fit the table, a storage error) reaches LanceDB's reader in Rust, which turns
+    it into a RuntimeError with a traceback in its text: ``reraise`` raises the original instead."""
 
     def __init__(self, batches: Iterator[pa.RecordBatch]):
         self._it = iter(batches)
         self._head: list[pa.RecordBatch] = []
         self.rows = 0
+        self.error: BaseException | None = None
+
+    @contextlib.contextmanager
+    def reraise(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception:
+            if self.error is not None:
+                raise self.error from None
+            raise
 
     def peek(self) -> pa.RecordBatch | None:
         if not self._head:
@@ -213,6 +235,12 @@ class _Counter:
         return self
 
     def __next__(self) -> pa.RecordBatch:
-        batch = self._head.pop() if self._head else next(self._it)
+        try:
+            batch = self._head.pop() if self._head else next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise
         self.rows += batch.num_rows
         return batch

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.sync.base import SyncError
+from pipelines.sync.base import SyncError, castable
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,29 @@ def column_for(field: pa.Field) -> PgColumn:
                 return PgColumn(field.name, pg_type, copy_type, lambda a, v=values, t=t: v(a.cast(t)))
             return PgColumn(field.name, pg_type, copy_type, values)
     raise SyncError(f"column {field.name!r} has type {field.type}, which has no PostgreSQL mapping in rayembed sync")
+
+
+# format_type spellings -> the Arrow type whose values COPY sends as that type
+_ARROW_OF = {
+    "smallint": pa.int16(),
+    "integer": pa.int32(),
+    "bigint": pa.int64(),
+    "real": pa.float32(),
+    "double precision": pa.float64(),
+}
+
+
+def conformed(schema: pa.Schema, table_types: dict[str, str]) -> pa.Schema:
+    """``schema`` with a numeric column retyped to the existing table's, where a safe cast takes its values there
+    (int64 into integer, int32 into bigint, float64 of whole numbers into bigint, ...). Other kinds map to one
+    PostgreSQL type whatever their width (string and large_string are text), so they need nothing here."""
+    fields = []
+    for f in schema:
+        want = _ARROW_OF.get(table_types.get(f.name, ""))
+        if want is not None and f.name != "embedding" and want != f.type and castable(f.type, want):
+            f = pa.field(f.name, want, f.nullable)
+        fields.append(f)
+    return pa.schema(fields)
 
 
 def vector_bytes(array: pa.Array, dim: int, half: bool) -> list[bytes | None]:

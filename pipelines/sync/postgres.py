@@ -16,6 +16,7 @@ import functools
 import itertools
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from pipelines.sync.base import StoreState, SyncError
 
 STATE_TABLE = "rayembed_sync_state"
 CONNECT_TIMEOUT_S = 10  # libpq waits forever by default; an unreachable host must fail in seconds
+LOCK_GRACE_S = 5.0  # how long a sync waits for another one's lock before refusing
 
 
 def redact(uri: str) -> str:
@@ -138,9 +140,17 @@ class PostgresStore:
     @_sqlerrors("taking the sync lock")
     def _lock(self) -> None:
         key = self.conn.execute("SELECT hashtextextended(%s, 0)", (f"rayembed.sync:{self._regname()}",)).fetchone()[0]
-        if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        # A sync killed a moment ago holds the lock until its backend notices the closed connection: a rerun right
+        # after the kill (a restarted job) waits that long rather than being refused.
+        deadline = time.monotonic() + LOCK_GRACE_S
+        while True:
+            if self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                self.conn.commit()
+                return
             self.conn.commit()
-            return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         holder = self.conn.execute(
             "SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = %s "
@@ -187,23 +197,27 @@ class PostgresStore:
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     @_sqlerrors("checking the table")
-    def check_schema(self, schema: pa.Schema) -> None:
+    def check_schema(self, schema: pa.Schema) -> pa.Schema:
+        """The schema the output's batches take into this table: its own, or with the existing table's numeric
+        column types where a safe cast takes the output's values there (an input rewritten with other int widths)."""
         dim = schema.field("embedding").type.list_size
         half_ok = self.pgvector >= (0, 7) and schema.field("embedding").type.value_type == pa.float16()
         try:
             if not self._exists(self.name):
                 self.vec_type = "halfvec" if half_ok else "vector"
                 self._cols = pgtypes.columns_for(schema, self.vec_type)
-                return
+                return schema
             have = self._table_columns()
             emb = have.get("embedding", ("",))[0]
             self.vec_type = "halfvec" if emb.startswith("halfvec(") else "vector"
+            schema = pgtypes.conformed(schema, {name: t[0] for name, t in have.items()})
             self._cols = pgtypes.columns_for(schema, self.vec_type)
             diff = _diff(self._cols, have) or self._pk_diff()
         finally:
             self.conn.commit()
         if diff:
             raise SyncError(f"{self.description} exists with an incompatible schema: {diff} (dim {dim})")
+        return schema
 
     def _pk_diff(self) -> str | None:
         rows = self.conn.execute(
