@@ -234,7 +234,17 @@ def record(job, plan, markers: list[dict[str, Any]]) -> dict[str, Any]:
         "deleted": vr.deleted,
         "quarantined": sum(m["errors"] for m in ms),
     }
-    shard_keys = ("shard", "fingerprint", "rows", "errors", "tokens", "files", "error_files", "duplicates")
+    shard_keys = (
+        "shard",
+        "fingerprint",
+        "rows",
+        "errors",
+        "tokens",
+        "truncated",
+        "files",
+        "error_files",
+        "duplicates",
+    )
     rec = versions.make_record(
         vr.version,
         plan.key,
