@@ -169,7 +169,7 @@ def run_match(job, plan, shards: list[Shard]) -> dict[str, Any]:
             batch_format="numpy",
             fn_kwargs={"cfg": read_cfg, "width": vr.width, "buckets": buckets},
         )
-        decided = ds.groupby("_bucket", num_partitions=min(buckets, 200)).map_groups(
+        decided = ds.groupby("_bucket", num_partitions=buckets).map_groups(
             refresh.match_bucket,
             batch_format="pyarrow",
             fn_kwargs={
