@@ -32,7 +32,7 @@ from pipelines.config import JobConfig
 from pipelines.lease import Lease
 from pipelines.parts import shard_items
 from pipelines.progress import Progress
-from pipelines.runtime import init_ray, worker_cause
+from pipelines.runtime import init_ray, kill_graph_actors, worker_cause
 
 log = logging.getLogger("rayembed")
 
@@ -153,6 +153,10 @@ def _records(job: Job, plan: Plan, pending: list[Shard]) -> Iterator[dict[str, A
                 traceback.clear_frames(x.__traceback__)
                 todo += [x.__cause__, x.__context__]
         gc.collect()
+        # And where something else still holds them (a log record's traceback, under pytest's log capture): kill.
+        killed = kill_graph_actors()
+        if killed:
+            log.debug("killed %d actors of the failed graph", killed)
         raise
     finally:
         # A record loop that stops early (it raised, or lost the lease) closes this generator: shut the executor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -85,3 +86,27 @@ def worker_cause(e: BaseException) -> Exception | None:
         if m:
             return (storage.StorageError if m.group(1) == "StorageError" else OSError)(m.group(2))
     return None
+
+
+def kill_graph_actors() -> int:
+    """Kill this driver's Ray Data map actors that are still alive; returns how many. Called when a graph failed:
+    Ray Data 2.60 then only drops its references to a pool's actors (a shutdown without force), and a reference
+    cycle (a pending task's callback, a logged traceback) can keep them alive, each booking its CPUs/GPUs, until the
+    garbage collector runs: the next job of this process would wait for them. The runner runs one graph at a time,
+    so a live ``MapWorker`` of this driver's job belongs to the graph that just failed."""
+    import ray
+    from ray._private import state, worker
+
+    try:
+        job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id())
+        table = state.actors(job_id=job)
+    except Exception:  # noqa: BLE001 (best effort: a debugging API of Ray's)
+        return 0
+    killed = 0
+    for actor_id, info in table.items():
+        live = info.get("State") in ("ALIVE", "PENDING_CREATION", "RESTARTING", "DEPENDENCIES_UNREADY")
+        if live and str(info.get("ActorClassName", "")).startswith("MapWorker("):
+            with contextlib.suppress(Exception):
+                worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
+                killed += 1
+    return killed
