@@ -111,7 +111,7 @@ class EmbedJob:
                 f"output prefix {cfg.output!r} holds version {parent['version']} embedded with different settings "
                 "(model, dim, instruction, max length or dtype); write to a new --output"
             )
-        vr = refresh_plan.start(cfg.output, key, parent, shards, model["dim"], cfg.output_dtype)
+        vr = refresh_plan.start(key, parent, shards, model["dim"], cfg.output_dtype)
         extra = {"version": vr, "id_type": _id_type(cfg.output, parent, cfg.options)}
         return Plan(key=key, model=model, config=cfg.public(), extra=extra)
 

@@ -56,7 +56,7 @@ def run_id(key: str, parent: int | None, shards: list[Shard]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def start(output: str, key: str, parent: dict[str, Any] | None, shards: list[Shard], dim: int, dtype: str):
+def start(key: str, parent: dict[str, Any] | None, shards: list[Shard], dim: int, dtype: str):
     version = 1 if parent is None else int(parent["version"]) + 1
     return VersionRun(
         version, run_id(key, None if parent is None else version - 1, shards), parent, dim * ITEMSIZE[dtype]
