@@ -79,7 +79,8 @@ def _resources(argv: list[str]) -> dict:
         from pipelines.jobs.embed import embed_resources
 
         args = cli.build_parser().parse_args(argv)
-        res = embed_resources(cli.make_job("embed", cli._values(args)).cfg)
+        cfg = cli.make_job("embed", cli._values(args)).cfg
+        res = embed_resources(cfg, cfg.dim or 1024)
         return {"threads": res.threads, "batch_rows": res.batch_rows, "num_cpus": res.num_cpus}
     except Exception as e:  # noqa: BLE001
         return {"threads": None, "batch_rows": None, "num_cpus": None, "resources_error": f"{type(e).__name__}: {e}"}

@@ -37,6 +37,7 @@ if REPO not in sys.path:
 
 from operators import storage  # noqa: E402
 from pipelines import commit, parts, runner  # noqa: E402
+from pipelines.config import DEFAULT_PART_BYTES, PART_ROW_OVERHEAD  # noqa: E402
 
 KEY = "0123456789abcdef"
 CREDS = {"key": "testing", "secret": "testing"}
@@ -333,8 +334,12 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         f"{per_commit * target * args.s3_ms / 1e3 / args.threads / 60:.1f} min on {args.threads} threads, "
         f"plan {target * args.s3_ms / 1e3 / 16 / 60:.1f} min (16 reader threads)"
     )
-    dim_bytes = args.dim * (4 if args.dtype == "float32" else 2) + 40  # a vector, its id and Parquet overhead
-    for label, rows in (("1,024-row parts", 1024), ("~128 MB parts", (128 * 2**20) // dim_bytes)):
+    # the job's own default (pipelines/jobs/embed.py part_rows): about DEFAULT_PART_BYTES of vectors per part
+    dim_bytes = args.dim * (4 if args.dtype == "float32" else 2) + PART_ROW_OVERHEAD
+    for label, rows in (
+        ("1,024-row parts (before)", 1024),
+        ("~128 MB parts (default)", DEFAULT_PART_BYTES // dim_bytes),
+    ):
         files = target * math.ceil(docs_per_shard / rows)
         per_file = r["files_bytes"] / max(r["n_files"], 1)  # a file's line in "files"; the rest is per shard
         mb = (r["manifest_bytes"] - r["files_bytes"]) / n * target + per_file * files

@@ -65,9 +65,11 @@ HELP: dict[str, str] = {
     "output_dtype": "float32 (default) or float16 vectors",
     "batch_tokens": "tokens per forward pass (default: 8192 on CPU; on CUDA sized at warm-up from the free memory, at "
     "most 131072; halves automatically on out-of-memory)",
-    "rows_per_block": "rows per read block and at most per output part (default: {default})",
-    "embed_batch_rows": "rows per model-actor call, length-sorted inside it (default: 4 x --rows-per-block on CPU, "
-    "16 x on GPU)",
+    "rows_per_block": "rows per read block (default: {default})",
+    "part_rows": "rows per output part file (default: about 128 MB of vectors, 32,513 rows at dim 1024 float32); "
+    "a part moves through the graph whole",
+    "embed_batch_rows": "rows per model-actor call when parts are smaller, length-sorted inside it (default: 4 x "
+    "--rows-per-block on CPU, 16 x on GPU); a larger part is one call",
     "threads": "torch threads per model actor (default: local CPU mode: all cores / max actors; else --num-cpus)",
     "packing": "padding-free packing of Qwen3 micro-batches: auto (default: when a CUDA varlen attention kernel is "
     "importable), on, off",

@@ -30,6 +30,10 @@ DEFAULT_QUERIES_PER_BLOCK = 64
 # 0.88 with 4,096 and 0.96 with 16,384; at the CPU budget (8,192) 0.94, 0.98 and 0.995. A larger window also delays
 # the first call (it waits for that many tokenized rows) and loses more work when an actor dies.
 DEFAULT_EMBED_BLOCKS_PER_CALL = {"cpu": 4, "gpu": 16}
+# Output parts of about this many bytes of vectors (query engines and vector-store bulk loaders want files of 100 MB
+# to 1 GB): --part-rows is derived from it, the dimension and the output dtype (32,513 rows at 1,024 x float32).
+DEFAULT_PART_BYTES = 128 * 2**20
+PART_ROW_OVERHEAD = 32  # bytes per row besides the vector: the content hash and a typical id
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +111,7 @@ class EmbedJobConfig(JobConfig):
     output_dtype: str = "float32"
     rows_per_block: int = DEFAULT_ROWS_PER_BLOCK
     embed_batch_rows: int | None = None  # rows per model-actor call; None: DEFAULT_EMBED_BLOCKS_PER_CALL blocks
+    part_rows: int | None = None  # rows per output part; None: about DEFAULT_PART_BYTES of vectors
     compile: bool | None = None  # torch.compile the model in each actor; None: on CUDA (H200: ~1.7-2x for the 0.6B)
     packing: str = "auto"  # padding-free varlen packing: auto (when a CUDA varlen kernel is importable), on, off
     max_delete_ratio: float = DEFAULT_MAX_DELETE_RATIO  # a refresh deleting more of its parent's rows fails
@@ -122,7 +127,7 @@ class EmbedJobConfig(JobConfig):
             raise ConfigError(f"--dim must be at least {MIN_DIM}, got {self.dim}")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
-        _positive(self, "rows_per_block", "embed_batch_rows", "match_buckets")
+        _positive(self, "rows_per_block", "embed_batch_rows", "part_rows", "match_buckets")
         if not 0 <= self.max_delete_ratio <= 1:
             raise ConfigError(f"--max-delete-ratio must be within 0..1, got {self.max_delete_ratio}")
         if self.packing not in ("auto", "on", "off"):

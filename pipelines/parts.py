@@ -110,6 +110,57 @@ def add_retries(table: pa.Table) -> pa.Table:
     return table
 
 
+# ------------------------------------------------------------------------------------------------- packed blocks
+
+PACKED = "_block"  # the one column of a packed block: an Arrow IPC stream of rows
+
+
+def pack(table: pa.Table) -> pa.Table:
+    """One table of rows as one opaque row. Ray Data re-batches rows to a stage's ``batch_size`` (required for GPU
+    stages) across blocks and shards; a packed table travels whole, so ``batch_size=1`` is exactly one reader
+    block (embed: one output part), and tables of different column types never have to be concatenated by Ray."""
+    return pack_all([table])
+
+
+def pack_all(tables: list[pa.Table]) -> pa.Table:
+    """Each table as one packed row."""
+    blobs = []
+    for t in tables:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, t.schema) as writer:
+            writer.write_table(t)
+        blobs.append(sink.getvalue().to_pybytes())
+    return pa.table({PACKED: pa.array(blobs, pa.large_binary())})
+
+
+def unpack(batch: pa.Table) -> list[pa.Table]:
+    return [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in batch[PACKED].to_pylist()]
+
+
+def concat_blocks(tables: list[pa.Table]) -> pa.Table:
+    """One shard's consecutive blocks as one table. Types are unified (a column all null in one block); a column
+    whose JSON values are numbers in one block and text in another becomes text, as it does within one block."""
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        names = tables[0].column_names
+        types = {
+            n: {str(t.schema.field(n).type) for t in tables if not pa.types.is_null(t.schema.field(n).type)}
+            for n in names
+        }
+        loose = [n for n, ts in types.items() if len(ts) > 1]
+        return pa.concat_tables([_as_text(t, loose) for t in tables], promote_options="permissive")
+
+
+def _as_text(table: pa.Table, columns: list[str]) -> pa.Table:
+    for c in columns:
+        vals = [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in table[c].to_pylist()]
+        table = table.set_column(table.schema.get_field_index(c), c, pa.array(vals, pa.string()))
+    return table
+
+
 def shard_items(shards: list[Shard], work: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The rows of the dataset that drives the read stage: one per shard, as ``shard_from_item`` reads them, with the
     URL of the shard's refresh work file (pipelines/jobs/refresh.py) where it has one."""

@@ -96,6 +96,8 @@ def embed_args(inp: str, out: str, model: str, *extra: str, rows_per_block: int 
         ",".join(PASSTHROUGH),
         "--rows-per-block",
         str(rows_per_block),
+        "--part-rows",
+        str(rows_per_block),
         "-q",
         *extra,
     ]

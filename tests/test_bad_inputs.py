@@ -169,6 +169,7 @@ def job(tmp_path_factory, qwen_model_dir, ray_local) -> Job:
     docs = _make_inputs(inp)
     argv = ["embed", "--input", str(inp), "--output", str(out), "--model", qwen_model_dir, "-q"]
     argv += ["--max-error-ratio", "1", "--max-length", str(MAX_LENGTH), "--rows-per-block", str(ROWS_PER_BLOCK)]
+    argv += ["--part-rows", str(ROWS_PER_BLOCK)]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(argv)

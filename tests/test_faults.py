@@ -43,7 +43,8 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _args(inp: str, out: str, model: str, *extra: str) -> list[str]:
-    return ["embed", "--input", inp, "--output", out, "--model", model, "--rows-per-block", "4", "-q", *extra]
+    flags = ["--rows-per-block", "4", "--part-rows", "4", "-q"]
+    return ["embed", "--input", inp, "--output", out, "--model", model, *flags, *extra]
 
 
 def _embed(capsys, *argv: str, rc: int = 0) -> tuple[str, str]:

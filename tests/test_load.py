@@ -178,6 +178,8 @@ def test_200k_docs_bounded_driver_memory_and_object_store(
                 tiny_model_dir,
                 "--rows-per-block",
                 str(ROWS_PER_BLOCK),
+                "--part-rows",
+                str(ROWS_PER_BLOCK),
                 "-q",
             ]
         )

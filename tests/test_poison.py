@@ -10,7 +10,8 @@ import pytest
 
 from operators.storage import list_shards
 from pipelines import testhooks
-from pipelines.jobs.embed_stages import EmbedStage, encode_bisecting, read_shard, tokenize_block
+from pipelines.jobs.embed_model import EmbedStage
+from pipelines.jobs.embed_stages import encode_bisecting, read_shard, tokenize_block
 from pipelines.testhooks import POISON_TOKEN_ENV
 
 TEXTS = [f"document number {i} about {'rivers' if i % 3 else 'mountains'} and data" for i in range(24)]

@@ -1,6 +1,6 @@
 """A rerun over a shrunk or changed shard into the same output leaves no stale part and no stale row readable.
 
-The first run of each test writes a shard in several parts (``--rows-per-block 4``) with a quarantined row in its last
+The first run of each test writes a shard in several parts (``--part-rows 4``) with a quarantined row in its last
 part; the input then changes and the same command runs again. After the rerun ``data/`` and ``_errors/`` must hold
 exactly the files that ``_manifest.json`` or a retained version lists, and the latest version must list only the new
 rows with the new texts' vectors and only the new quarantine records. Version 2's parts carry their version in their
@@ -48,7 +48,7 @@ def _docs(n: int, seed: int, start_id: int = 0, null_at: tuple[int, ...] = ()) -
 
 def _embed(inp: Path, out: Path, model: str) -> str:
     argv = ["embed", "--input", str(inp), "--output", str(out), "--model", model, "-q"]
-    argv += ["--rows-per-block", str(ROWS_PER_BLOCK), "--max-error-ratio", "0.5"]
+    argv += ["--rows-per-block", str(ROWS_PER_BLOCK), "--part-rows", str(ROWS_PER_BLOCK), "--max-error-ratio", "0.5"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli.main(argv)

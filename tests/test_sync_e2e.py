@@ -110,7 +110,17 @@ class Corpus:
 
     def embed(self) -> dict[str, Any]:
         argv = ["embed", "--input", self.inp, "--output", self.out, "--model", self.model]
-        argv += ["--passthrough", ",".join(PASSTHROUGH), "--rows-per-block", "4", "--output-dtype", self.dtype, "-q"]
+        argv += [
+            "--passthrough",
+            ",".join(PASSTHROUGH),
+            "--rows-per-block",
+            "4",
+            "--part-rows",
+            "4",
+            "--output-dtype",
+            self.dtype,
+            "-q",
+        ]
         rc, stdout, err = _cli(argv)
         assert rc == 0, f"embed exited {rc}: {err[-3000:]}"
         record = versions.latest(self.out)

@@ -15,9 +15,10 @@ from operators import MIN_DIM, __version__, rows, storage
 from operators.errors import ConfigError
 from operators.storage import Shard
 from pipelines import commit, testhooks, versions
-from pipelines.config import DEFAULT_EMBED_BLOCKS_PER_CALL, EmbedJobConfig
+from pipelines.config import DEFAULT_EMBED_BLOCKS_PER_CALL, DEFAULT_PART_BYTES, PART_ROW_OVERHEAD, EmbedJobConfig
 from pipelines.jobs import refresh_plan
-from pipelines.jobs.embed_stages import EmbedStage, read_shards, tokenize_block
+from pipelines.jobs.embed_model import EmbedStage
+from pipelines.jobs.embed_stages import read_shards, tokenize_parts
 from pipelines.jobs.embed_write import write_parts
 from pipelines.runner import Plan, RunStats, Stage
 from pipelines.runtime import actor_threads, gpus_per_actor
@@ -65,17 +66,35 @@ class EmbedResources:
     num_gpus: float
     num_cpus: float
     threads: int
-    batch_rows: int
+    batch_rows: int  # rows the model should see per call
+    part_rows: int  # rows per output part (and per packed block through the graph)
+    parts_per_call: int  # the model stage's Ray Data batch size, in packed parts
 
 
-def embed_resources(cfg: EmbedJobConfig) -> EmbedResources:
-    """What each model actor books from Ray, the torch threads it runs, and the rows it takes per call."""
+def part_rows(cfg: EmbedJobConfig, dim: int) -> int:
+    """--part-rows, or about DEFAULT_PART_BYTES of vectors per part."""
+    itemsize = 2 if cfg.output_dtype == "float16" else 4
+    return cfg.part_rows or max(1, DEFAULT_PART_BYTES // (dim * itemsize + PART_ROW_OVERHEAD))
+
+
+def embed_resources(cfg: EmbedJobConfig, dim: int) -> EmbedResources:
+    """What each model actor books from Ray, the torch threads it runs, and the rows it takes per call: a call is
+    one part, or as many parts as fit in ``batch_rows`` when parts are smaller (a shard smaller than a part is one
+    part, so many small shards still make calls of many rows only when --part-rows is small)."""
     num_gpus = gpus_per_actor(cfg.num_gpus)
     on_gpu = num_gpus > 0 and cfg.device not in ("cpu",)
     threads = actor_threads(cfg.threads, cfg.num_cpus, on_gpu, cfg.address, cfg.concurrency[1])
     blocks = DEFAULT_EMBED_BLOCKS_PER_CALL["gpu" if num_gpus > 0 else "cpu"]
     batch_rows = cfg.embed_batch_rows or blocks * cfg.rows_per_block
-    return EmbedResources(num_gpus=num_gpus, num_cpus=cfg.num_cpus, threads=threads, batch_rows=batch_rows)
+    rows = part_rows(cfg, dim)
+    return EmbedResources(
+        num_gpus=num_gpus,
+        num_cpus=cfg.num_cpus,
+        threads=threads,
+        batch_rows=batch_rows,
+        part_rows=rows,
+        parts_per_call=max(1, batch_rows // rows),
+    )
 
 
 class EmbedJob:
@@ -137,14 +156,12 @@ class EmbedJob:
 
     def stages(self, plan: Plan) -> list[Stage]:
         cfg, so = self.cfg, self.cfg.options
-        res = embed_resources(cfg)
+        res = embed_resources(cfg, plan.model["dim"])
         log.info(
-            "embed stage: %s actors, %g GPUs and %g CPUs booked each, %d torch threads, %d rows per call",
-            "..".join(map(str, dict.fromkeys(cfg.concurrency))),
-            res.num_gpus,
-            res.num_cpus,
-            res.threads,
-            res.batch_rows,
+            "embed stage: %s actors, %g GPUs and %g CPUs booked each, %d torch threads, %d part(s) of up to %d rows "
+            "per call",
+            *("..".join(map(str, dict.fromkeys(cfg.concurrency))), res.num_gpus, res.num_cpus, res.threads),
+            *(res.parts_per_call, res.part_rows),
         )
         # OMP_NUM_THREADS in the actor's environment, for torch and any other OpenMP code there. The actor's remote
         # arguments then differ from the tasks', which also keeps Ray Data from fusing the read and tokenize tasks into
@@ -158,6 +175,7 @@ class EmbedJob:
             "text_column": cfg.text_column,
             "passthrough": cfg.passthrough,
             "rows_per_block": cfg.rows_per_block,
+            "part_rows": res.part_rows,
             "storage_options": so,
             "vec_width": plan.extra["version"].width,
         }
@@ -193,19 +211,18 @@ class EmbedJob:
             "passthrough": cfg.passthrough,
             "metadata": self.metadata(plan.model),
             "storage_options": so,
-            "rows_per_part": cfg.rows_per_block,
             "version": plan.extra["version"].version,
             "refresh": plan.extra["version"].refresh,
         }
         return [
             Stage("read", read_shards, batch_size=1, batch_format="numpy", kwargs=read),
-            Stage("tokenize", tokenize_block, kwargs=tokenize),
-            # Ray Data requires an explicit batch size for GPU stages. A batch may join rows of several shards or
-            # split a block; the writer cuts each shard's rows back into parts named by their first row offset.
+            Stage("tokenize", tokenize_parts, kwargs=tokenize),
+            # Ray Data requires an explicit batch size for GPU stages, and it re-batches rows across blocks and shards
+            # to meet it: each part travels packed into one row, so a batch is whole parts, and each becomes one file.
             Stage(
                 "embed",
                 EmbedStage,
-                batch_size=res.batch_rows,
+                batch_size=res.parts_per_call,
                 kwargs=embed,
                 actors=cfg.concurrency,
                 num_gpus=res.num_gpus,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,15 +132,37 @@ def read_shard(
         yield _stamp(pending, done)
 
 
-def read_shards(batch: dict[str, np.ndarray], *, vec_width: int = 0, **kwargs: Any) -> Iterator[pa.Table]:
-    """``map_batches`` entry: one row per shard in, blocks of rows out (streamed, never a whole shard in memory),
-    each row with its ``content_hash`` and what the match pass decided for it (pipelines/jobs/refresh.py)."""
+def read_shards(
+    batch: dict[str, np.ndarray], *, part_rows: int, vec_width: int = 0, **kwargs: Any
+) -> Iterator[pa.Table]:
+    """``map_batches`` entry: one row per shard in, packed parts out: each the next ``part_rows`` rows of the shard
+    (the last smaller), with each row's ``content_hash`` and what the match pass decided for it
+    (pipelines/jobs/refresh.py). A part travels whole to the writer, which writes it as one file; a shard is read
+    in blocks of ``rows_per_block`` rows and at most one part is held in memory."""
     for i in range(len(batch["url"])):
         work = str(batch["work"][i]) if "work" in batch else ""
         cursor = WorkCursor(work or None, kwargs.get("storage_options"))
-        for block in read_shard(parts.shard_from_item(batch, i), **kwargs):
-            telemetry.record(telemetry.ROWS_READ, len(block), stage="read")
-            yield parts.add_retries(annotate(block, cursor, kwargs["text_column"], vec_width))
+        blocks = read_shard(parts.shard_from_item(batch, i), **kwargs)
+        for part in cut_parts((annotate(b, cursor, kwargs["text_column"], vec_width) for b in blocks), part_rows):
+            telemetry.record(telemetry.ROWS_READ, len(part), stage="read")
+            yield parts.pack(parts.add_retries(part))
+
+
+def cut_parts(blocks: Iterator[pa.Table], part_rows: int) -> Iterator[pa.Table]:
+    """Consecutive blocks of one shard regrouped into tables of exactly ``part_rows`` rows (the last one smaller):
+    a part's rows, and so its file, follow from the shard alone, whatever the read blocks."""
+    held: list[pa.Table] = []
+    n = 0
+    for block in blocks:
+        while len(block):
+            take = min(part_rows - n, len(block))
+            held.append(block.slice(0, take))
+            n, block = n + take, block.slice(take)
+            if n == part_rows:
+                yield parts.concat_blocks(held)
+                held, n = [], 0
+    if held:
+        yield parts.concat_blocks(held)
 
 
 class WorkCursor:
@@ -299,85 +320,6 @@ def tokenize_block(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------- embed
-
-
-def _set_error(batch: pa.Table, message: str, kind: str) -> pa.Table:
-    batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array([message], pa.string()))
-    return batch.set_column(batch.schema.get_field_index("error_type"), "error_type", pa.array([kind], pa.string()))
-
-
-class EmbedStage:
-    """The model actor: embeds the valid rows of a tokenized block and drops the ids before the block moves on.
-
-    A call may hold many read blocks (the stage's ``batch_size``: the length sort pads less); the writer cuts them back
-    into parts. When the model raises on a call, the call is bisected (operators/bisect.py) down to the rows that
-    raise, quarantined as ModelError; one poison row costs one row. (An OOM reaches here only for a row that does not
-    fit alone: the micro-batcher retries smaller batches itself.)
-    """
-
-    def __init__(self, *args: Any, threads: int | None = None, **embedder_kwargs: Any):
-        import torch
-
-        from operators.embedder import Embedder
-
-        t0 = time.perf_counter()
-        if threads:
-            torch.set_num_threads(threads)
-        self.embedder = Embedder(*args, **embedder_kwargs)
-        e = self.embedder
-        log.info(
-            "embed actor ready in %.1fs: %s on %s/%s, %.1f MB of weights, %d torch threads",
-            time.perf_counter() - t0,
-            e.spec.source,
-            e.device,
-            e.dtype,
-            e.model_bytes / 2**20,
-            torch.get_num_threads(),
-        )
-
-    @property
-    def stats(self):
-        return self.embedder.stats
-
-    def model_call(self, batch: pa.Table) -> pa.Table:
-        return self.embedder(batch)
-
-    def _fail_one(self, batch: pa.Table, e: Exception) -> pa.Table:
-        log.warning("quarantining a row the model fails on: %s: %s", type(e).__name__, str(e)[:200])
-        return self.embedder(_set_error(batch, describe(e, "model"), "ModelError"))  # an error row: no forward
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if "_reuse" in batch.column_names and pc.any(batch["_reuse"]).as_py():
-            # Rows whose vector the parent version holds never reach the model: their ``_vec`` becomes the vector.
-            mask = batch["_reuse"]
-            done = reused_vectors(batch.filter(mask), self.embedder.dim, self.embedder.out_dtype)
-            todo = batch.filter(pc.invert(mask))
-            out = pa.concat_tables([self._embed(todo), done]) if len(todo) else done
-        else:
-            out = self._embed(batch)
-        return out.drop_columns(["_vec"]) if "_vec" in out.column_names else out
-
-    def _embed(self, batch: pa.Table) -> pa.Table:
-        t0, before = time.perf_counter(), (self.stats.rows, self.stats.tokens, self.stats.padded_tokens)
-        out = bisect_call(
-            self.model_call,
-            batch,
-            size=lambda t: t.num_rows,
-            split=lambda t, i: (t.slice(0, i), t.slice(i)),
-            merge=lambda a, b: pa.concat_tables([a, b]),
-            fail_one=self._fail_one,
-        )
-        st = self.stats
-        rows, tokens, slots = st.rows - before[0], st.tokens - before[1], st.padded_tokens - before[2]
-        telemetry.model_call(time.perf_counter() - t0, rows=rows, tokens=tokens, slots=slots, stage="embed")
-        return parts.add_retries(out.drop_columns(["input_ids"]))
-
-
-def reused_vectors(batch: pa.Table, dim: int, dtype) -> pa.Table:
-    """Reused rows as the model stage's output: ``_vec`` (the parent's vector bytes) as the ``embedding`` column."""
-    from operators.embedder import vectors_to_arrow
-
-    flat = np.frombuffer(b"".join(batch["_vec"].to_pylist()), dtype=dtype).reshape(len(batch), dim)
-    out = parts.add_retries(batch.drop_columns(["input_ids"]))
-    return out.append_column("embedding", vectors_to_arrow(flat, np.ones(len(batch), dtype=bool)))
+def tokenize_parts(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """``map_batches`` entry: each packed part tokenized (``tokenize_block``) and packed again."""
+    return parts.pack_all([tokenize_block(t, **kwargs) for t in parts.unpack(batch)])

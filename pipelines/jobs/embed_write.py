@@ -1,5 +1,5 @@
-"""The embed graph's last step: a shard's rows cut into immutable parts, their quarantine parts and, on a refresh, the
-upserts delta; one small record per part for the driver's commit."""
+"""The embed graph's last step: each packed part written as one immutable file, with its quarantine part and, on a
+refresh, its upserts delta; one small record per part for the driver's commit."""
 
 from __future__ import annotations
 
@@ -13,30 +13,29 @@ from pipelines import parts, telemetry
 
 
 def write_parts(
-    table: pa.Table,
+    batch: pa.Table,
     *,
     output: str,
     id_column: str,
     passthrough: tuple[str, ...],
     metadata: dict[str, str],
     storage_options: dict[str, Any] | None = None,
-    rows_per_part: int | None = None,
     version: int | None = None,
     refresh: bool = False,
 ) -> pa.Table:
-    """Write each shard's rows of this block as immutable parts of at most ``rows_per_part`` rows (None: one part),
-    named by the shard, the part's first row offset and the version, plus a quarantine part for each part's bad rows
-    and, on a refresh, the part's upserted rows under ``_deltas/<version>/upserts/``. Returns one record per part."""
+    """Write each packed part of this batch (pipelines/jobs/embed_stages.py ``cut_parts``: one shard's consecutive
+    rows) as one immutable file named by the shard, the part's first row offset and the version, plus a quarantine
+    part for its bad rows and, on a refresh, its upserted rows under ``_deltas/<version>/upserts/``. Returns one
+    record per part."""
     records = []
     retries = storage.take_retries()
-    if "_retries" in table.column_names:
-        retries += int(pc.sum(table["_retries"]).as_py() or 0)
     out = Out(output, id_column, passthrough, metadata, storage_options, version, refresh)
-    for stem in pc.unique(table["_shard"]).to_pylist():
-        shard_rows = table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset")
-        step = rows_per_part or len(shard_rows)
-        for start in range(0, len(shard_rows), step):
-            records.append(out.part(shard_rows.slice(start, step), stem))
+    tables = parts.unpack(batch) if parts.PACKED in batch.column_names else [batch]
+    for table in tables:
+        if "_retries" in table.column_names:
+            retries += int(pc.sum(table["_retries"]).as_py() or 0)
+        for stem in pc.unique(table["_shard"]).to_pylist():
+            records.append(out.part(table.filter(pc.equal(table["_shard"], stem)).sort_by("_offset"), stem))
     if records:
         records[0]["retries"] = retries
     telemetry.record(telemetry.ROWS_QUARANTINED, sum(r["errors"] for r in records), stage="write")

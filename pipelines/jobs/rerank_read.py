@@ -26,6 +26,7 @@ from operators import rows, storage
 from operators.reranker import field_error
 from operators.storage import Shard
 from pipelines import parts
+from pipelines.parts import PACKED, pack, unpack  # noqa: F401 (the rerank stages' and tests' import)
 
 BAD_TYPE = pa.struct(
     [("doc_id", pa.string()), ("row_offset", pa.int64()), ("error_type", pa.string()), ("message", pa.string())]
@@ -280,23 +281,6 @@ def read_rerank_shard(
     if pending is not None:
         yield stamp(pending, units)
     # An empty shard yields nothing; the driver commits it with zero rows once the whole run has succeeded.
-
-
-PACKED = "_block"  # the one column of a packed block: an Arrow IPC stream of query rows
-
-
-def pack(table: pa.Table) -> pa.Table:
-    """One block of query rows as one opaque row. Ray Data needs an explicit ``batch_size`` for GPU stages; with
-    packed blocks ``batch_size=1`` is exactly one reader block (about ``rows_per_block`` pairs), and blocks of
-    different id types never have to be concatenated by Ray."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return pa.table({PACKED: pa.array([sink.getvalue().to_pybytes()], pa.large_binary())})
-
-
-def unpack(batch: pa.Table) -> list[pa.Table]:
-    return [pa.ipc.open_stream(pa.py_buffer(b)).read_all() for b in batch[PACKED].to_pylist()]
 
 
 def read_rerank_shards(batch: dict[str, np.ndarray], **kwargs: Any) -> Iterator[pa.Table]:
