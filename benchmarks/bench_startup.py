@@ -21,8 +21,9 @@ process start to its ``__init__`` (worker start-up and imports), ``__init__`` (t
 (reading, tokenizing, embedding, writing, committing, shutting Ray down).
 
 ``--pieces`` (default on) then times, each in a fresh process, what a model actor's start is made of: the imports
-(numpy and pyarrow, torch, transformers, ``operators.embedder``), the config (``inspect_model_dir``), the tokenizer
-(``load_tokenizer``), the weights (``load_model``) and the warm-up (the first forward), for MiniLM and for a random
+(numpy and pyarrow, torch, ``operators.embedder``), the config (``inspect_model_dir``), the tokenizer
+(``load_tokenizer``), the weights (``load_backbone``: the native decoder for Qwen3, transformers, its import included,
+for MiniLM) and the warm-up (the first forward), then the import the native decoder avoids, for MiniLM and a random
 Qwen3 with the real Qwen vocabulary, and ``Embedder(...)`` (and, for Qwen3, ``Reranker(...)`` on a causal LM of the
 same size) whole with and without its tokenizer (``tokenizer=False`` is the actor's: it is fed token ids).
 """
@@ -81,15 +82,17 @@ def mark(name):
 import numpy, pyarrow; mark("import numpy+pyarrow")
 import torch; mark("import torch")
 torch.set_num_threads({threads})
-import transformers; mark("import transformers")
 from operators.embedder import Embedder; mark("import operators.embedder")
-from operators.loading import inspect_model_dir, load_model, load_tokenizer
+from operators.loading import inspect_model_dir, load_backbone, load_tokenizer
 spec = inspect_model_dir({model!r}); mark("config")
 tok = load_tokenizer(spec); mark("tokenizer")
-m = load_model(spec, dtype=torch.float32, device=torch.device("cpu")); mark("weights")
+m, _ = load_backbone(spec, dtype=torch.float32, device=torch.device("cpu")); mark("weights")
+ids = torch.ones(8, 64, dtype=torch.long)
 with torch.inference_mode():
-    m(input_ids=torch.ones(8, 64, dtype=torch.long)); mark("warm-up (first forward)")
+    m(ids) if spec.is_qwen3 else m(input_ids=ids); mark("warm-up (first forward)")
 del m
+t.append(time.perf_counter()); import transformers.models.qwen3.modeling_qwen3
+mark("import transformers' Qwen3 (what the native decoder avoids)")
 for flag in (True, False):
     t.append(time.perf_counter()); Embedder({model!r}, device="cpu", tokenizer=flag)
     mark(f"Embedder(tokenizer={{flag}})")

@@ -8,12 +8,14 @@ DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that
 DEFAULT_RERANK_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 MIN_DIM = 32  # the smallest MRL dimension Qwen3-Embedding supports
 OUTPUT_DTYPE_NAMES = ("float32", "float16")
+MODEL_IMPLS = ("auto", "native", "transformers")  # how a Qwen3 model runs: operators.loading.native_blocker
 
 __all__ = [
     "DEFAULT_EMBED_MODEL",
     "DEFAULT_INSTRUCTION",
     "DEFAULT_RERANK_MODEL",
     "MIN_DIM",
+    "MODEL_IMPLS",
     "OUTPUT_DTYPE_NAMES",
     "RayembedError",
     "__version__",

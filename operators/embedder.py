@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from operators import DEFAULT_EMBED_MODEL
 from operators.batching import pick_device, pick_dtype
 from operators.errors import ConfigError
-from operators.loading import ModelSpec, inspect_model_dir, load_model, load_tokenizer, resolve_model_dir
+from operators.loading import ModelSpec, inspect_model_dir, load_backbone, load_tokenizer, resolve_model_dir
 from operators.packing import DeviceRunner
 from operators.tokenization import (
     DEFAULT_MAX_LENGTH,
@@ -64,6 +64,9 @@ class Embedder(DeviceRunner):
 
     ``tokenizer=False``: the tokenizer is not loaded at start (a model actor fed token ids never uses it); ``encoder``
     loads it on first use, so ``embed(texts)`` still works.
+
+    ``impl``: ``auto`` runs Qwen3 on the native decoder (operators/qwen3.py: transformers' arithmetic without its
+    import and load cost) and other models through transformers; ``native`` or ``transformers`` insists on one.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class Embedder(DeviceRunner):
         compile: bool | None = None,
         packing: str = "auto",
         tokenizer: bool = True,
+        impl: str = "auto",
     ):
         self.out_dtype = check_output_dtype(output_dtype)
         self.device = pick_device(device)
@@ -106,7 +110,9 @@ class Embedder(DeviceRunner):
             # Pads are never attended to (causal right padding, or masked), so any in-vocabulary id gives the same
             # vectors; Qwen's <|endoftext|> keeps the ids what a loaded tokenizer would pad with.
             self.pad_id = QWEN_EOD_ID if spec.is_qwen3 and spec.vocab_size > QWEN_EOD_ID else 0
-        loaded = load_model(spec, dtype=self.dtype, device=self.device, trust_remote_code=trust_remote_code)
+        loaded, _ = load_backbone(
+            spec, dtype=self.dtype, device=self.device, impl=impl, trust_remote_code=trust_remote_code
+        )
         self._init_runner(loaded, packing=packing, compile=compile, batch_tokens=batch_tokens)
         if self.device.type == "cuda":
             self._warm_up(min(512, self.max_length), size_budget=batch_tokens is None)

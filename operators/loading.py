@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from operators import modelcache, storage
-from operators.errors import ModelLoadError, RayembedError
+from operators import MODEL_IMPLS, modelcache, storage
+from operators.errors import ConfigError, ModelLoadError, RayembedError
 
 QWEN_EOD_TOKEN = "<|endoftext|>"
 ST_POOLING_MODES = {
@@ -203,6 +203,48 @@ def load_model(spec: ModelSpec, *, dtype, device, causal_lm: bool = False, trust
     except Exception as e:
         raise ModelLoadError(f"cannot load model {spec.source!r}: {storage.describe_error(e)}") from None
     return model.to(device).eval()
+
+
+def native_blocker(spec: ModelSpec, impl: str, trust_remote_code: bool = False) -> str | None:
+    """Why ``impl`` does not run this model on the native Qwen3 decoder (operators/qwen3.py), or None when it does.
+    ``auto``: native for every Qwen3 checkpoint it supports; ``native`` insists (a one-line error otherwise)."""
+    if impl not in MODEL_IMPLS:
+        raise ConfigError(f"model implementation must be one of {', '.join(MODEL_IMPLS)}, got {impl!r}")
+    if impl == "transformers":
+        return "transformers asked for"
+    from operators import qwen3
+
+    reason = "trust_remote_code runs the checkpoint's own code" if trust_remote_code else None
+    reason = reason or qwen3.unsupported(qwen3.read_config(spec.path))
+    if reason and impl == "native":
+        raise ConfigError(f"model {spec.source!r} cannot run on the native Qwen3 decoder: {reason}")
+    return reason
+
+
+def load_backbone(
+    spec: ModelSpec, *, dtype, device, impl: str = "auto", head_rows: tuple[int, ...] = (), trust_remote_code=False
+):
+    """``(backbone, head)``: the model without its LM head, on ``device`` in eval mode, and, when ``head_rows`` is
+    given, just those rows of the LM head ([len(head_rows), hidden], in ``dtype``). Qwen3 runs on the native decoder
+    unless ``native_blocker`` says why not; anything else (BERT-like models) loads through transformers."""
+    if native_blocker(spec, impl, trust_remote_code) is None:
+        from operators import qwen3
+
+        try:
+            return qwen3.load_decoder(spec.path, dtype=dtype, device=device, head_rows=head_rows)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load model {spec.source!r}: {storage.describe_error(e)}") from None
+    if not head_rows:
+        return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code), None
+    lm = load_model(spec, dtype=dtype, device=device, causal_lm=True, trust_remote_code=trust_remote_code)
+    head = lm.get_output_embeddings()
+    if head is None or not hasattr(lm, "model"):
+        raise ModelLoadError(f"model {spec.source!r} loaded without a language-model head; the reranker needs one")
+    if max(head_rows) >= head.weight.shape[0]:
+        rows = head.weight.shape[0]
+        raise ModelLoadError(f"model {spec.source!r}: lm_head has {rows} rows, too few for the ids {head_rows}")
+    # Keep the backbone alone; an untied lm_head (1.2 GB for the 8B in bf16) is freed with the wrapper.
+    return lm.model, head.weight.detach()[list(head_rows)].contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------ reranker

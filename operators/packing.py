@@ -37,6 +37,7 @@ from operators.batching import (
     runs_padded,
 )
 from operators.errors import ConfigError
+from operators.qwen3 import Qwen3Decoder
 
 log = logging.getLogger("rayembed")
 ATTN_NAME = "rayembed_packed"
@@ -199,7 +200,9 @@ class DeviceRunner:
 
     def _init_runner(self, model: torch.nn.Module, *, packing: str, compile: bool | None, batch_tokens: int | None):
         self.kernel = resolve_kernel(packing, self.device, self.spec.is_qwen3)
-        if self.kernel is not None:
+        # The native decoder (operators/qwen3.py) takes a packed row itself; a transformers model gets the hook.
+        self.native = isinstance(model, Qwen3Decoder)
+        if self.kernel is not None and not self.native:
             install(model)
         self.model = self._eager_model = model
         # Default: compiled on CUDA. It fuses the norm/RoPE/activation kernels that dominate a small model's GPU time
@@ -265,10 +268,16 @@ class DeviceRunner:
         if "max_len" in batch:
             ids_pos, cu = batch["tensors"]
             packed = make_packed(cu, batch["max_len"], self.kernel, self._eager_model.config)
-            hidden = packed_hidden(self.model, ids_pos[0:1], ids_pos[1:2], packed)
+            if self.native:
+                hidden = self.model(ids_pos[0:1], ids_pos[1:2], packed)[0]
+            else:
+                hidden = packed_hidden(self.model, ids_pos[0:1], ids_pos[1:2], packed)
             return hidden[cu[1:].long() - 1]
         input_ids, lens = batch["tensors"]
-        hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        if self.native:
+            hidden = self.model(input_ids)
+        else:
+            hidden = self.model(input_ids=input_ids, use_cache=False).last_hidden_state
         return hidden[torch.arange(batch["n"], device=self.device), lens - 1]
 
     def _warm_up(self, probe_len: int, size_budget: bool) -> None:

@@ -36,7 +36,7 @@ from operators.loading import (
     ModelSpec,
     check_reranker_dir,
     inspect_model_dir,
-    load_model,
+    load_backbone,
     load_tokenizer,
     resolve_model_dir,
 )
@@ -71,6 +71,8 @@ class Reranker(DeviceRunner):
     ``tokenizer=False``: no tokenizer at start (an actor fed ids from ``PairEncoder`` never uses one); the answer
     ids are then ``answer_ids`` (``(no, yes)``, default the Qwen ids; pass ``PairEncoder.answer_ids``), and
     ``encoder`` loads the tokenizer on first use, checking it agrees, so ``score(pairs)`` still works.
+
+    ``impl``: as for the embedder (``auto``: the native Qwen3 decoder, which also reads just the two head rows).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Reranker(DeviceRunner):
         packing: str = "auto",
         tokenizer: bool = True,
         answer_ids: tuple[int, int] | None = None,
+        impl: str = "auto",
     ):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -113,21 +116,16 @@ class Reranker(DeviceRunner):
             # Causal right padding: a pad is never attended to; <|endoftext|> is what a loaded tokenizer pads with.
             self.pad_id = QWEN_EOD_ID if spec.vocab_size > QWEN_EOD_ID else 0
 
-        lm = load_model(
-            spec, dtype=self.dtype, device=self.device, causal_lm=True, trust_remote_code=trust_remote_code
+        backbone, head = load_backbone(
+            spec,
+            dtype=self.dtype,
+            device=self.device,
+            impl=impl,
+            head_rows=(self.no_id, self.yes_id),
+            trust_remote_code=trust_remote_code,
         )
-        head = lm.get_output_embeddings()
-        if head is None or not hasattr(lm, "model"):
-            raise ModelLoadError(f"model {spec.source!r} loaded without a language-model head; the reranker needs one")
-        if max(self.yes_id, self.no_id) >= head.weight.shape[0]:
-            raise ModelLoadError(
-                f"model {spec.source!r}: lm_head has {head.weight.shape[0]} rows, too few for the yes/no token ids"
-            )
         # The only two rows of lm_head the score needs: [no, yes], kept in float32 (the logits are computed in fp32).
-        self.head = head.weight.detach()[[self.no_id, self.yes_id]].float().contiguous()
-        # Keep the backbone alone; an untied lm_head (1.2 GB for the 8B in bf16) is freed with the wrapper.
-        backbone = lm.model
-        del lm, head
+        self.head = head.float().contiguous()
         self._init_runner(backbone, packing=packing, compile=compile, batch_tokens=batch_tokens)
         if self.device.type == "cuda":
             self._warm_up(min(512, self.max_length), size_budget=batch_tokens is None)

@@ -86,6 +86,8 @@ HELP: dict[str, str] = {
     "variables and instance roles are honoured; never logged",
     "address": "Ray cluster address (default: RAY_ADDRESS, else local mode)",
     "trust_remote_code": "allow model code from the model directory (off by default)",
+    "model_impl": "how Qwen3 runs: auto (default: rayembed's native decoder, transformers' arithmetic without its "
+    "3-5 s import and load, for every checkpoint it supports; transformers otherwise), native, transformers",
     "lease_ttl": "seconds: the job holds <output>/_lease.json while it runs and another job on the same output is "
     "refused; a lease whose driver sent no heartbeat for this long is expired and taken over (default: {default})",
     "lease_heartbeat": "seconds between lease renewals, below --lease-ttl (default: {default})",
@@ -142,7 +144,7 @@ JOBS = {
     ),
 }
 # Options with a fixed set of values.
-CHOICES = {"packing": ["auto", "on", "off"]}
+CHOICES = {"packing": ["auto", "on", "off"], "model_impl": ["auto", "native", "transformers"]}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators import DEFAULT_EMBED_MODEL, DEFAULT_RERANK_MODEL, MIN_DIM, OUTPUT_DTYPE_NAMES
+from operators import DEFAULT_EMBED_MODEL, DEFAULT_RERANK_MODEL, MIN_DIM, MODEL_IMPLS, OUTPUT_DTYPE_NAMES
 from operators.errors import ConfigError
 from operators.location import Location
 from operators.tokenization import DEFAULT_MAX_LENGTH, DEFAULT_RERANK_MAX_LENGTH
@@ -52,6 +52,7 @@ class JobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     address: str | None = None
     trust_remote_code: bool = False
+    model_impl: str = "auto"  # auto: native Qwen3 decoder (operators/qwen3.py) where it applies; native; transformers
     lease_ttl: float = DEFAULT_LEASE_TTL  # seconds without a heartbeat after which another job may take the output
     lease_heartbeat: float = DEFAULT_LEASE_HEARTBEAT  # seconds between lease renewals by the driver
     retry_budget: float = 120.0  # seconds one S3 call may retry throttling / resets before the job fails
@@ -72,6 +73,8 @@ class JobConfig:
                 f"--lease-heartbeat must be positive and below --lease-ttl, got {self.lease_heartbeat:g} and "
                 f"{self.lease_ttl:g}"
             )
+        if self.model_impl not in MODEL_IMPLS:
+            raise ConfigError(f"--model-impl must be one of {', '.join(MODEL_IMPLS)}, got {self.model_impl!r}")
         if self.retry_budget < 0:
             raise ConfigError(f"--retry-budget must be >= 0 seconds, got {self.retry_budget:g}")
 

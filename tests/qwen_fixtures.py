@@ -128,12 +128,11 @@ def build_qwen_tokenizer(eos_postprocessor: bool = False):
 def qwen3_config(causal_lm: bool = False, **overrides):
     from transformers import Qwen3Config
 
-    cfg = dict(SMALL_CONFIG)
+    cfg = dict(SMALL_CONFIG, vocab_size=QWEN3_VOCAB)
     cfg.update(overrides)
     cfg.setdefault("tie_word_embeddings", True)
     # pad_token_id stays None: a padding_idx would zero the <|endoftext|> embedding, which real checkpoints train.
     return Qwen3Config(
-        vocab_size=QWEN3_VOCAB,
         bos_token_id=EOD_ID,
         eos_token_id=151645,
         pad_token_id=None,

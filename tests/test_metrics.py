@@ -140,8 +140,14 @@ def test_token_counter_equals_the_jobs_token_count(tmp_path, qwen_model_dir, ray
     assert _total(samples, name, rayembed_job=job) == tokens
     assert _total(samples, telemetry.ROWS_EMBEDDED.exported, rayembed_job=job) == len(docs)
     if STAGES_RECORD:  # the read stage and the driver count too
-        name = telemetry.SHARDS_COMMITTED.exported
-        samples = _wait_for(ray, lambda s: _total(s, name, rayembed_job=job) >= 5)
+        name, read = telemetry.SHARDS_COMMITTED.exported, telemetry.ROWS_READ.exported
+        # Each process's metrics reach the agent on its own export tick: wait for the driver's and the read tasks'.
+        samples = _wait_for(
+            ray,
+            lambda s: (
+                _total(s, name, rayembed_job=job) >= 5 and _total(s, read, rayembed_job=job, stage="read") >= len(docs)
+            ),
+        )
         assert _total(samples, name, rayembed_job=job) == 5
         assert _total(samples, telemetry.SHARDS_PLANNED.exported, rayembed_job=job, stage="driver") == 5
         assert _total(samples, telemetry.ROWS_READ.exported, rayembed_job=job, stage="read") == len(docs)

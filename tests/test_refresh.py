@@ -119,6 +119,7 @@ class Chain:
         self.clean: dict[int, dict] = {}
         self.trees: dict[int, dict] = {}  # the output's files right after version N committed
         self.status: dict[int, str] = {}  # `rayembed status OUT` right after version N committed
+        self.match_log: list[str] = []  # each commit's "match: ... buckets, <where>" line
 
     def args(self, *extra: str) -> list[str]:
         return embed_args(self.inp, self.out, self.model, *extra, rows_per_block=16)
@@ -127,7 +128,9 @@ class Chain:
         """Run the command, keep what version ``version`` committed; ``clean``: True runs a clean backfill of the
         input, a version number takes that version's clean backfill (an input whose rows are a subset of its input,
         unchanged: the same vectors and values), False none (a backfill is its own)."""
-        stdout = embed_ok(self.args())
+        with _match_lines() as lines:
+            stdout = embed_ok(self.args())
+        self.match_log += [m for m in lines if " buckets, " in m]
         record = versions.latest(self.out)
         assert record["version"] == version, stdout
         self.stdout[version], self.records[version] = stdout, record
@@ -141,6 +144,28 @@ class Chain:
         elif clean:
             assert all(self.docs[version][i] == self.docs[clean][i] for i in self.docs[version])
             self.clean[version] = {i: self.clean[clean][i] for i in self.docs[version]}
+
+
+INLINE_ENV = "RAYEMBED_MATCH_INLINE_BYTES"  # pipelines/jobs/refresh.py: 0 runs the match pass on Ray Data
+
+
+@contextlib.contextmanager
+def _match_lines():
+    """The messages the rayembed logger emits meanwhile (where the match pass ran is logged, not printed)."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda r: lines.append(r.getMessage()) if r.getMessage().startswith("match:") else None
+    log = logging.getLogger("rayembed")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +222,12 @@ def chain_v3(chain_rerun) -> Chain:
     for k in range(MAIN_SHARDS):
         os.remove(os.path.join(ch.inp, f"s{k}.parquet"))
     write_shards(ch.inp, ch.shards, compression="snappy")
-    ch.commit(3)
+    # The richest refresh of the chain (renames, changes, pass-through-only changes, deletes, new ids) runs its match
+    # pass on Ray Data; the others run it in the driver, as every small input does by default.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(INLINE_ENV, "0")
+        ch.commit(3)
+    assert "on Ray Data" in ch.match_log[-1] and all("in the driver" in m for m in ch.match_log[:-1])
     return ch
 
 
@@ -429,9 +459,14 @@ def _removed_v4(ch: Chain) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- duplicates
 
 
+@pytest.mark.parametrize("executor", ["driver", "engine"])
 def test_duplicate_ids_in_a_backfill_keep_the_first_in_shard_then_offset_order(
-    qwen_model_dir, ray_local, ref, tmp_path
+    executor, qwen_model_dir, ray_local, ref, tmp_path, monkeypatch
 ):
+    """The same decisions whether the match pass runs in the driver (a small input, the default here) or on Ray
+    Data (forced with RAYEMBED_MATCH_INLINE_BYTES=0)."""
+    if executor == "engine":
+        monkeypatch.setenv(INLINE_ENV, "0")
     ids = {
         "a": [0, 1, 2, 3, 4, 5, 2, 7, 8, 9],  # 2 twice within a
         "b": [7, 11, 12, 11, 14, 15, 30, 17],  # 7 first in a (a later offset, an earlier shard); 11 twice; 30 null
@@ -463,7 +498,10 @@ def test_duplicate_ids_in_a_backfill_keep_the_first_in_shard_then_offset_order(
                 kept[d["id"]] = (stem, off, d)
     assert len(kept) == 18 and len(errors) == 6 and sum(e[3] == "DuplicateId" for e in errors) == 5
 
-    stdout = embed_ok(embed_args(inp, out, qwen_model_dir, "--max-error-ratio", "0.5"))
+    with _match_lines() as lines:
+        stdout = embed_ok(embed_args(inp, out, qwen_model_dir, "--max-error-ratio", "0.5"))
+    where = "in the driver" if executor == "driver" else "on Ray Data"
+    assert where in [m for m in lines if " buckets, " in m][0], lines
     record = versions.latest(out)
     assert record["error_files"] and all(
         re.fullmatch(r"_errors/[abc]-\d{12}-v00000001\.parquet", f) for f in record["error_files"]

@@ -199,6 +199,7 @@ class EmbedJob:
             "output_dtype": cfg.output_dtype,
             "revision": cfg.revision,
             "trust_remote_code": cfg.trust_remote_code,
+            "impl": cfg.model_impl,
             "storage_options": so,
             "compile": cfg.compile,
             "packing": cfg.packing,

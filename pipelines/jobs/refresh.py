@@ -11,7 +11,9 @@ One Ray Data pass over the keys of the whole corpus:
     route     groupby(shard) -> write_work: each shard's decisions in one work file that the read stage joins by row
               offset; one small record per shard (and per bucket) back to the driver
 
-The driver sees one record per shard and per bucket, never an id or a vector. Every file name derives from the run
+An input whose key rows fit in ``inline_match_bytes()`` runs the same three functions in the driver process
+(``match_in_process``): there, Ray Data's start-up would be all the pass costs. Otherwise the driver sees one record
+per shard and per bucket, never an id or a vector. Every file name derives from the run
 and the shard or bucket, so a retried task rewrites the same file; nothing here is referenced by a committed version
 until the version record names it.
 """
@@ -38,6 +40,10 @@ NEW, OLD = 0, 1
 MAX_BUCKETS = 4096
 BUCKET_BYTES = 256 * 2**20  # key rows per bucket: one map_groups call holds one bucket
 KEY_ROW_BYTES = 96  # id string, positions, two digests, Arrow overhead
+# Key rows (with the parent's vectors) up to which the pass runs in the driver process (match_in_process): below it,
+# Ray Data's task and shuffle start-up (2-3 s) is all the pass would cost. RAYEMBED_MATCH_INLINE_BYTES overrides it
+# (0: always on the engine).
+INLINE_MATCH_BYTES = 32 * 2**20
 
 ROUTE_SCHEMA = pa.schema(
     [
@@ -308,6 +314,36 @@ def write_work(
     rec["work"] = storage.join(work_dir, f"{stems[src]}.parquet")
     parts.write_parquet(work, rec["work"], storage_options)
     return pa.Table.from_pylist([rec], schema=ROUTE_SCHEMA)
+
+
+def inline_match_bytes() -> int:
+    return int(os.environ.get("RAYEMBED_MATCH_INLINE_BYTES", INLINE_MATCH_BYTES))
+
+
+def _groups(t: pa.Table, column: str) -> Iterator[pa.Table]:
+    """``t``'s rows grouped by ``column``, in key order: what ``groupby(column).map_groups`` hands each call."""
+    if not len(t):
+        return
+    t = t.sort_by(column)
+    keys = t[column].to_numpy()
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(t)], strict=True):
+        yield t.slice(int(start), int(end - start))
+
+
+def match_in_process(
+    items: list[dict[str, Any]], *, key_kw: dict, match_kw: dict, route_kw: dict, backfill: bool
+) -> list[dict[str, Any]]:
+    """The same three steps (key rows, bucket, route) on the same functions, in this process, for an input small
+    enough to hold (``inline_match_bytes``); the records ``write_work`` returns, or none for a backfill without
+    duplicates (as on the engine)."""
+    batch = {k: np.array([it[k] for it in items], dtype=object) for k in items[0]}
+    keys = pa.concat_tables(list(key_rows(batch, **key_kw)))
+    decided = [match_bucket(g, **match_kw) for g in _groups(keys, "_bucket")]
+    table = pa.concat_tables(decided) if decided else decision_schema(match_kw["width"]).empty_table()
+    if backfill and table.num_rows == 0:
+        return []
+    return [r for g in _groups(table, "_src") for r in write_work(g, **route_kw).to_pylist()]
 
 
 @contextlib.contextmanager

@@ -140,18 +140,13 @@ def _items(shards: list[Shard], parent: dict[str, Any] | None, output: str) -> l
 
 
 def run_match(job, plan, shards: list[Shard]) -> dict[str, Any]:
-    """The match pass on the engine; returns what the driver keeps of it: one entry per shard and bucket."""
-    import ray.data
-
-    from pipelines.runtime import init_ray
-
+    """The match pass, on the engine or (a small input) in this process; returns what the driver keeps of it: one
+    entry per shard and bucket."""
     cfg, vr = job.cfg, plan.extra["version"]
     so = cfg.options
-    init_ray(cfg.address)
     items = _items(shards, vr.parent, cfg.output)
     parent_rows = int(vr.parent["counts"]["rows"]) if vr.parent else 0
     buckets = cfg.match_buckets or refresh.bucket_count(sum(s.size for s in shards), parent_rows, vr.width)
-    id_type = plan.extra.get("id_type")
     read_cfg = {
         "id_column": cfg.id_column,
         "text_column": cfg.text_column,
@@ -161,43 +156,31 @@ def run_match(job, plan, shards: list[Shard]) -> dict[str, Any]:
     stems = [s.stem for s in shards]
     have = (vr.parent or {}).get("shards") or {}
     unchanged = np.array([s.stem in have and have[s.stem]["fingerprint"] == s.fingerprint for s in shards], dtype=bool)
-    log.info("match: %d input shards, %d parent files, %d buckets", len(shards), len(items) - len(shards), buckets)
-    with refresh.shuffle_strategy(len(items), buckets):
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            refresh.key_rows,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"cfg": read_cfg, "width": vr.width, "buckets": buckets},
+    key_kw = {"cfg": read_cfg, "width": vr.width, "buckets": buckets}
+    match_kw = {
+        "width": vr.width,
+        "refresh": vr.refresh,
+        "output": cfg.output,
+        "deletes_dir": f"_deltas/{vr.version:08d}/deletes",
+        "id_type": plan.extra.get("id_type"),
+        "storage_options": so,
+    }
+    route_kw = {"work_dir": vr.work_dir(cfg.output), "stems": stems, "unchanged": unchanged, "storage_options": so}
+    key_bytes = sum(s.size for s in shards) + parent_rows * (refresh.KEY_ROW_BYTES + vr.width)
+    inline = key_bytes <= refresh.inline_match_bytes()
+    log.info(
+        "match: %d input shards, %d parent files, %d buckets, %s",
+        len(shards),
+        len(items) - len(shards),
+        buckets,
+        "in the driver (a small input)" if inline else "on Ray Data",
+    )
+    if inline:
+        records = refresh.match_in_process(
+            items, key_kw=key_kw, match_kw=match_kw, route_kw=route_kw, backfill=not vr.refresh
         )
-        decided = ds.groupby("_bucket", num_partitions=buckets).map_groups(
-            refresh.match_bucket,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "width": vr.width,
-                "refresh": vr.refresh,
-                "output": cfg.output,
-                "deletes_dir": f"_deltas/{vr.version:08d}/deletes",
-                "id_type": id_type,
-                "storage_options": so,
-            },
-        )
-        if not vr.refresh:
-            # A backfill decides only its duplicates (rare; a refresh's decisions carry vectors and stream on): with
-            # none, there is no work file to write and no second shuffle to run.
-            decided = decided.materialize()
-            if decided.count() == 0:
-                return {"work": {}, "carried": [], "deletes": [], "deleted": 0}
-        routed = decided.groupby("_src", num_partitions=min(len(shards) + 1, 200)).map_groups(
-            refresh.write_work,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "work_dir": vr.work_dir(cfg.output),
-                "stems": stems,
-                "unchanged": unchanged,
-                "storage_options": so,
-            },
-        )
-        records = [r for b in routed.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    else:
+        records = _match_on_engine(cfg, items, buckets, key_kw, match_kw, route_kw, backfill=not vr.refresh)
     work, carried, deletes, deleted = {}, [], [], 0
     for r in records:
         if r["src"] < 0:
@@ -215,6 +198,32 @@ def run_match(job, plan, shards: list[Shard]) -> dict[str, Any]:
         deleted,
     )
     return {"work": work, "carried": sorted(carried), "deletes": sorted(deletes), "deleted": deleted}
+
+
+def _match_on_engine(cfg, items, buckets: int, key_kw: dict, match_kw: dict, route_kw: dict, backfill: bool):
+    import ray.data
+
+    from pipelines.runtime import init_ray
+
+    init_ray(cfg.address)
+    with refresh.shuffle_strategy(len(items), buckets):
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            refresh.key_rows, batch_size=1, batch_format="numpy", fn_kwargs=key_kw
+        )
+        decided = ds.groupby("_bucket", num_partitions=buckets).map_groups(
+            refresh.match_bucket, batch_format="pyarrow", fn_kwargs=match_kw
+        )
+        if backfill:
+            # A backfill decides only its duplicates (rare; a refresh's decisions carry vectors and stream on): with
+            # none, there is no work file to write and no second shuffle to run.
+            decided = decided.materialize()
+            if decided.count() == 0:
+                return []
+        shards = len(route_kw["stems"])
+        routed = decided.groupby("_src", num_partitions=min(shards + 1, 200)).map_groups(
+            refresh.write_work, batch_format="pyarrow", fn_kwargs=route_kw
+        )
+        return [r for b in routed.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
 
 
 # ---------------------------------------------------------------------------------------------------- the record

@@ -72,6 +72,7 @@ def reranker_kwargs(cfg: Any, model: str, revision: str | None, instruction: str
         "dtype": cfg.dtype,
         "revision": revision,
         "trust_remote_code": cfg.trust_remote_code,
+        "impl": cfg.model_impl,
         "storage_options": cfg.options,
     }
 

@@ -276,6 +276,7 @@ class SearchJob:
             "device": cfg.device,
             "dtype": cfg.dtype,
             "trust_remote_code": cfg.trust_remote_code,
+            "impl": cfg.model_impl,
             "storage_options": cfg.options,
         }
         rk = reranker_kwargs(cfg, cfg.rerank_model, cfg.rerank_revision, cfg.rerank_instruction, cfg.rerank_max_length)
