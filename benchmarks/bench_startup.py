@@ -22,8 +22,8 @@ process start to its ``__init__`` (worker start-up and imports), ``__init__`` (t
 
 ``--pieces`` (default on) then times, each in a fresh process, what a model actor's start is made of: the imports
 (numpy and pyarrow, torch, ``operators.embedder``), the config (``inspect_model_dir``), the tokenizer
-(``load_tokenizer``), the weights (``load_backbone``: the native decoder for Qwen3, transformers, its import included,
-for MiniLM) and the warm-up (the first forward), then the import the native decoder avoids, for MiniLM and a random
+(``load_tokenizer``), the weights (``load_backbone``: the native models of operators/qwen3.py and bert.py) and the
+warm-up (the first forward), then the import of transformers' modeling code they avoid, for MiniLM and a random
 Qwen3 with the real Qwen vocabulary, and ``Embedder(...)`` (and, for Qwen3, ``Reranker(...)`` on a causal LM of the
 same size) whole with and without its tokenizer (``tokenizer=False`` is the actor's: it is fed token ids).
 """
@@ -89,10 +89,10 @@ tok = load_tokenizer(spec); mark("tokenizer")
 m, _ = load_backbone(spec, dtype=torch.float32, device=torch.device("cpu")); mark("weights")
 ids = torch.ones(8, 64, dtype=torch.long)
 with torch.inference_mode():
-    m(ids) if spec.is_qwen3 else m(input_ids=ids); mark("warm-up (first forward)")
+    m(ids) if getattr(m, "native", False) else m(input_ids=ids); mark("warm-up (first forward)")
 del m
-t.append(time.perf_counter()); import transformers.models.qwen3.modeling_qwen3
-mark("import transformers' Qwen3 (what the native decoder avoids)")
+t.append(time.perf_counter()); import transformers.modeling_utils
+mark("import transformers' modeling (what the native models avoid)")
 for flag in (True, False):
     t.append(time.perf_counter()); Embedder({model!r}, device="cpu", tokenizer=flag)
     mark(f"Embedder(tokenizer={{flag}})")

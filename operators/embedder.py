@@ -65,8 +65,8 @@ class Embedder(DeviceRunner):
     ``tokenizer=False``: the tokenizer is not loaded at start (a model actor fed token ids never uses it); ``encoder``
     loads it on first use, so ``embed(texts)`` still works.
 
-    ``impl``: ``auto`` runs Qwen3 on the native decoder (operators/qwen3.py: transformers' arithmetic without its
-    import and load cost) and other models through transformers; ``native`` or ``transformers`` insists on one.
+    ``impl``: ``auto`` runs Qwen3 and BERT natively (operators/qwen3.py, bert.py: transformers' arithmetic without
+    its import and load cost) and other models through transformers; ``native`` or ``transformers`` insists on one.
     """
 
     def __init__(
@@ -140,7 +140,10 @@ class Embedder(DeviceRunner):
             n, mask = batch["n"], None
             if not batch["uniform"] or self.spec.pooling == "mean":
                 mask = (torch.arange(input_ids.shape[1], device=self.device)[None, :] < lens[:, None]).long()
-            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            if self.native:
+                hidden = self.model(input_ids, mask)
+            else:
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
             if self.spec.pooling == "lasttoken":
                 pooled = hidden[torch.arange(n, device=self.device), lens - 1]
             elif self.spec.pooling == "cls":

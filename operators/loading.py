@@ -206,18 +206,20 @@ def load_model(spec: ModelSpec, *, dtype, device, causal_lm: bool = False, trust
 
 
 def native_blocker(spec: ModelSpec, impl: str, trust_remote_code: bool = False) -> str | None:
-    """Why ``impl`` does not run this model on the native Qwen3 decoder (operators/qwen3.py), or None when it does.
-    ``auto``: native for every Qwen3 checkpoint it supports; ``native`` insists (a one-line error otherwise)."""
+    """Why ``impl`` does not run this model natively (operators/qwen3.py for Qwen3, operators/bert.py for BERT), or
+    None when it does. ``auto``: native for every checkpoint those support; ``native`` insists (a one-line error)."""
     if impl not in MODEL_IMPLS:
         raise ConfigError(f"model implementation must be one of {', '.join(MODEL_IMPLS)}, got {impl!r}")
     if impl == "transformers":
         return "transformers asked for"
-    from operators import qwen3
+    from operators import bert, native, qwen3
 
     reason = "trust_remote_code runs the checkpoint's own code" if trust_remote_code else None
-    reason = reason or qwen3.unsupported(qwen3.read_config(spec.path))
+    if reason is None:
+        raw = native.read_config(spec.path)
+        reason = qwen3.unsupported(raw) if spec.is_qwen3 else bert.unsupported(raw)
     if reason and impl == "native":
-        raise ConfigError(f"model {spec.source!r} cannot run on the native Qwen3 decoder: {reason}")
+        raise ConfigError(f"model {spec.source!r} cannot run on rayembed's native implementation: {reason}")
     return reason
 
 
@@ -225,13 +227,15 @@ def load_backbone(
     spec: ModelSpec, *, dtype, device, impl: str = "auto", head_rows: tuple[int, ...] = (), trust_remote_code=False
 ):
     """``(backbone, head)``: the model without its LM head, on ``device`` in eval mode, and, when ``head_rows`` is
-    given, just those rows of the LM head ([len(head_rows), hidden], in ``dtype``). Qwen3 runs on the native decoder
-    unless ``native_blocker`` says why not; anything else (BERT-like models) loads through transformers."""
+    given, just those rows of the LM head ([len(head_rows), hidden], in ``dtype``). Qwen3 and BERT run natively
+    unless ``native_blocker`` says why not; anything else loads through transformers."""
     if native_blocker(spec, impl, trust_remote_code) is None:
-        from operators import qwen3
+        from operators import bert, qwen3
 
         try:
-            return qwen3.load_decoder(spec.path, dtype=dtype, device=device, head_rows=head_rows)
+            if spec.is_qwen3:
+                return qwen3.load_decoder(spec.path, dtype=dtype, device=device, head_rows=head_rows)
+            return bert.load_encoder(spec.path, dtype=dtype, device=device), None
         except Exception as e:
             raise ModelLoadError(f"cannot load model {spec.source!r}: {storage.describe_error(e)}") from None
     if not head_rows:

@@ -37,7 +37,6 @@ from operators.batching import (
     runs_padded,
 )
 from operators.errors import ConfigError
-from operators.qwen3 import Qwen3Decoder
 
 log = logging.getLogger("rayembed")
 ATTN_NAME = "rayembed_packed"
@@ -200,8 +199,8 @@ class DeviceRunner:
 
     def _init_runner(self, model: torch.nn.Module, *, packing: str, compile: bool | None, batch_tokens: int | None):
         self.kernel = resolve_kernel(packing, self.device, self.spec.is_qwen3)
-        # The native decoder (operators/qwen3.py) takes a packed row itself; a transformers model gets the hook.
-        self.native = isinstance(model, Qwen3Decoder)
+        # A native model (operators/qwen3.py, bert.py) takes a packed row itself; a transformers model gets the hook.
+        self.native = bool(getattr(model, "native", False))
         if self.kernel is not None and not self.native:
             install(model)
         self.model = self._eager_model = model

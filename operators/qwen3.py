@@ -9,7 +9,7 @@ plus the time to read its weights.
 The arithmetic is transformers' Qwen3 op for op (design.md, Qwen3 semantics): RMSNorm in float32 then cast back,
 per-head RMSNorm of q and k before RoPE, RoPE tables computed in float32 and cast to the activations' dtype, GQA
 attention under SDPA (causal, no mask: right padding is never attended to), SwiGLU MLP, final norm.
-tests/test_qwen3_native.py holds it to transformers on the same weights, padded and packed, fp32 within 1e-4.
+tests/test_native_models.py holds it to transformers on the same weights, padded and packed, fp32 within 1e-4.
 
 Only what the Qwen3 embedding and reranker checkpoints use is supported (default RoPE, full attention, SiLU);
 ``unsupported(config)`` names anything else, and ``loading.load_backbone`` then falls back to transformers.
@@ -17,14 +17,14 @@ Only what the Qwen3 embedding and reranker checkpoints use is supported (default
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from operators import native
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,6 @@ class Qwen3Config:
         )
 
 
-def read_config(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
 def unsupported(raw: dict[str, Any]) -> str | None:
     """Why the native decoder cannot run this config (transformers then does), or None."""
     if raw.get("model_type") != "qwen3":
@@ -85,37 +80,10 @@ def unsupported(raw: dict[str, Any]) -> str | None:
     return None
 
 
-def _empty(*shape: int) -> nn.Parameter:
-    # Shapes only, on the meta device: the checkpoint's tensors replace them (load_state_dict(assign=True)). No init
-    # runs, which at 8B would be a minute of random numbers, and a meta-device context would import torch._dynamo.
-    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
-
-
-class Linear(nn.Module):
-    """``nn.Linear``'s parameters and arithmetic, created uninitialised."""
-
-    def __init__(self, n_in: int, n_out: int, bias: bool):
-        super().__init__()
-        self.weight = _empty(n_out, n_in)
-        self.bias = _empty(n_out) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class Embedding(nn.Module):
-    def __init__(self, rows: int, size: int):
-        super().__init__()
-        self.weight = _empty(rows, size)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = _empty(size)
+        self.weight = native.empty(size)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +103,10 @@ class Attention(nn.Module):
         d, b = c.head_dim, c.attention_bias
         self.head_dim, self.scale = d, d**-0.5
         self.gqa = c.num_attention_heads != c.num_key_value_heads
-        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * d, bias=b)
-        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * d, bias=b)
-        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * d, bias=b)
-        self.o_proj = Linear(c.num_attention_heads * d, c.hidden_size, bias=b)
+        self.q_proj = native.Linear(c.hidden_size, c.num_attention_heads * d, bias=b)
+        self.k_proj = native.Linear(c.hidden_size, c.num_key_value_heads * d, bias=b)
+        self.v_proj = native.Linear(c.hidden_size, c.num_key_value_heads * d, bias=b)
+        self.o_proj = native.Linear(c.num_attention_heads * d, c.hidden_size, bias=b)
         self.q_norm = RMSNorm(d, c.rms_norm_eps)
         self.k_norm = RMSNorm(d, c.rms_norm_eps)
 
@@ -167,9 +135,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: Qwen3Config):
         super().__init__()
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = native.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = native.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = native.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -195,10 +163,12 @@ class Qwen3Decoder(nn.Module):
     positions restart per sequence and whose attention stays within each (``operators.packing.Packed``).
     """
 
+    native = True  # what operators.packing.DeviceRunner checks: called as forward(ids[, positions, packed])
+
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = native.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # float32, as transformers'
@@ -224,24 +194,6 @@ def rope_inv_freq(config: Qwen3Config) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
-def checkpoint_files(path: str) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the files themselves."""
-    from safetensors import safe_open
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    where: dict[str, str] = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                where.update(dict.fromkeys(f.keys(), os.path.join(path, name)))
-    if not where:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    return where
-
-
 def _backbone_name(key: str) -> str | None:
     """The decoder's parameter name for a checkpoint key: a CausalLM saves ``model.*``, a bare Qwen3Model does not."""
     if key.startswith("lm_head."):
@@ -255,25 +207,12 @@ def load_decoder(
     """The decoder with the checkpoint's weights in ``dtype`` on ``device``, in eval mode, and, when ``head_rows`` is
     given, those rows of ``lm_head`` (of the tied embedding when the head is tied) as [len(head_rows), hidden] in
     ``dtype``: the rest of the head is never read."""
-    from safetensors import safe_open
-
-    config = Qwen3Config.from_dict(read_config(path))
-    model = Qwen3Decoder(config)
-    expected = set(model.state_dict())
-    files = checkpoint_files(path)
-    state: dict[str, torch.Tensor] = {}
+    config = Qwen3Config.from_dict(native.read_config(path))
+    files = native.checkpoint_files(path)
     head_key = "lm_head.weight" if "lm_head.weight" in files and not config.tie_word_embeddings else None
     load_to = str(device) if device.type == "cuda" else "cpu"
-    for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt", device=load_to) as f:
-            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                name = _backbone_name(key)
-                if name in expected:
-                    state[name] = f.get_tensor(key).to(dtype)
-    missing = sorted(expected - set(state))
-    if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} Qwen3 weights, e.g. {missing[:3]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model = Qwen3Decoder(config)
+    native.load_weights(model, files, _backbone_name, dtype=dtype, load_to=load_to, kind="Qwen3")
     model.inv_freq = rope_inv_freq(config)
     model = model.to(device).eval()
     head = None
@@ -281,6 +220,8 @@ def load_decoder(
         if head_key is None:
             head = model.embed_tokens.weight.detach()[list(head_rows)]
         else:
+            from safetensors import safe_open
+
             with safe_open(files[head_key], framework="pt", device=load_to) as f:
                 sl = f.get_slice(head_key)
                 rows = int(sl.get_shape()[0])

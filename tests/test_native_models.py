@@ -1,7 +1,7 @@
-"""The native Qwen3 decoder (operators/qwen3.py) against transformers' Qwen3 on the same weights.
-
-Every weight, the norms' included, is perturbed before saving, so a weight loaded into the wrong place, a norm
-skipped or a RoPE table off shows as a difference. fp32 on CPU, max abs diff <= 1e-4 (design.md)."""
+"""The native models against transformers on the same weights: the Qwen3 decoder (operators/qwen3.py) on random
+Qwen3 checkpoints whose every weight, the norms' included, is perturbed before saving (a weight loaded into the wrong
+place, a norm skipped or a RoPE table off shows as a difference), and the BERT encoder (operators/bert.py) on the real
+all-MiniLM-L6-v2 weights. fp32 on CPU, max abs diff <= 1e-4 (design.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from operators.bert import BertEncoder
 from operators.embedder import Embedder
 from operators.errors import ConfigError, ModelLoadError
 from operators.loading import inspect_model_dir, load_backbone, native_blocker
@@ -130,7 +131,7 @@ def test_unsupported_config_falls_back_to_transformers_or_fails_clearly(bare_dir
     assert native_blocker(inspect_model_dir(bare_dir), "auto") is None
     model, _ = load_backbone(spec, dtype=torch.float32, device=torch.device("cpu"))
     assert not isinstance(model, Qwen3Decoder)
-    with pytest.raises(ConfigError, match="cannot run on the native Qwen3 decoder: rope_scaling of type 'linear'"):
+    with pytest.raises(ConfigError, match="native implementation: rope_scaling of type 'linear'"):
         load_backbone(spec, dtype=torch.float32, device=torch.device("cpu"), impl="native")
     with pytest.raises(ConfigError, match="auto, native, transformers"):
         native_blocker(spec, "fast")
@@ -148,3 +149,32 @@ def test_missing_weight_is_a_one_line_load_error(bare_dir, tmp_path):
         g.write(f.read())
     with pytest.raises(ModelLoadError, match=r"lacks 1 Qwen3 weights, e.g. \['layers.1.mlp.up_proj.weight'\]"):
         load_backbone(inspect_model_dir(broken), dtype=torch.float32, device=torch.device("cpu"), impl="native")
+
+
+def test_bert_encoder_equals_transformers_on_minilm(minilm_dir):
+    from transformers import AutoModel
+
+    official = AutoModel.from_pretrained(minilm_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model, _ = load_backbone(inspect_model_dir(minilm_dir), dtype=torch.float32, device=torch.device("cpu"))
+    assert isinstance(model, BertEncoder)
+    rows = _ids([3, 40, 7, 128, 1], vocab=30522)
+    longest = 128
+    ids = torch.stack([torch.cat([r, torch.zeros(longest - len(r), dtype=r.dtype)]) for r in rows])
+    mask = (torch.arange(longest)[None, :] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    with torch.no_grad():
+        want = official(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model(ids, mask)
+        got_unmasked = model(ids[3:4])  # one full-length row: no mask needed
+    for i, r in enumerate(rows):
+        assert (got[i, : len(r)] - want[i, : len(r)]).abs().max().item() <= ATOL
+    assert (got_unmasked[0] - want[3]).abs().max().item() <= ATOL
+
+
+def test_embedder_on_minilm_native_equals_transformers(minilm_dir):
+    from tests.test_minilm import make_texts
+
+    texts = make_texts(20, seed=4)
+    native = Embedder(minilm_dir, device="cpu", dtype="float32")
+    hf = Embedder(minilm_dir, device="cpu", dtype="float32", impl="transformers")
+    assert native.native and not hf.native
+    assert np.abs(native.embed(texts) - hf.embed(texts)).max() <= ATOL
