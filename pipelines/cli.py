@@ -266,5 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``rayembed`` command: ``main``, then a local Ray it started stopped before the process exits."""
+    try:
+        code = main()
+    finally:
+        from pipelines.runtime import stop_local_ray
+
+        stop_local_ray()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

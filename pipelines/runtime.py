@@ -9,6 +9,8 @@ import re
 from operators import storage
 from operators.errors import RayembedError
 
+_LOCAL_RAY: list[bool] = []  # holds True while a local Ray that init_ray started in this process runs
+
 
 def init_ray(address: str | None) -> None:
     import ray
@@ -22,6 +24,20 @@ def init_ray(address: str | None) -> None:
         # Local mode: Ray starts in-process and stops with the driver. address="local" forces a new instance:
         # a bare ray.init() attaches to whatever cluster /tmp/ray records (another user's, or a dead one).
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        _LOCAL_RAY.append(True)
+
+
+def stop_local_ray() -> None:
+    """Stop the local Ray that init_ray started here, if any, now rather than in Ray's exit hook, which first sleeps
+    half a second for log lines and runs after the interpreter's other teardown (2.7 s from the summary line to the
+    exit of the example job, 1.5 s this way). A Ray this process joined or a caller started is left alone."""
+    if not _LOCAL_RAY:
+        return
+    import ray
+
+    _LOCAL_RAY.clear()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def gpus_per_actor(requested: float | None) -> float:

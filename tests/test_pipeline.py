@@ -325,3 +325,16 @@ def test_unreachable_s3_endpoint_fails_fast(tmp_path, qwen_model_dir, capsys, mo
     err = capsys.readouterr().err
     assert rc == 2 and time.time() - t0 < 60
     assert "cannot list input 's3://bucket/in'" in err and "Could not connect" in err
+
+
+def test_the_command_leaves_a_ray_it_did_not_start_running(tmp_path, ray_local, monkeypatch, capsys):
+    """``rayembed`` stops a local Ray it started itself before exiting (pipelines/runtime.py); a Ray its caller
+    started (here the session's) survives the command, whatever its outcome."""
+    from pipelines import runtime
+
+    runtime.init_ray(None)  # joins: the session's Ray is already up
+    monkeypatch.setattr("sys.argv", ["rayembed", "files", str(tmp_path / "no-such-output")])
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code != 0 and "rayembed: error:" in capsys.readouterr().err
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
