@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators import native
+from operators import checkpoint, native
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,9 @@ def _encoder_name(key: str) -> str | None:
 
 
 def load_encoder(path: str, *, dtype: torch.dtype, device: torch.device) -> BertEncoder:
-    config = BertConfig.from_dict(native.read_config(path))
+    config = BertConfig.from_dict(checkpoint.read_config(path))
     model = BertEncoder(config)
     load_to = str(device) if device.type == "cuda" else "cpu"
-    native.load_weights(model, native.checkpoint_files(path), _encoder_name, dtype=dtype, load_to=load_to, kind="BERT")
+    files = checkpoint.checkpoint_files(path)
+    native.load_weights(model, files, _encoder_name, dtype=dtype, load_to=load_to, kind="BERT")
     return model.to(device).eval()

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from operators import MODEL_IMPLS, modelcache, storage
+from operators import MODEL_IMPLS, checkpoint, modelcache, storage
 from operators.errors import ConfigError, ModelLoadError, RayembedError
 
 QWEN_EOD_TOKEN = "<|endoftext|>"
@@ -212,11 +212,11 @@ def native_blocker(spec: ModelSpec, impl: str, trust_remote_code: bool = False) 
         raise ConfigError(f"model implementation must be one of {', '.join(MODEL_IMPLS)}, got {impl!r}")
     if impl == "transformers":
         return "transformers asked for"
-    from operators import bert, native, qwen3
+    from operators import bert, qwen3
 
     reason = "trust_remote_code runs the checkpoint's own code" if trust_remote_code else None
     if reason is None:
-        raw = native.read_config(spec.path)
+        raw = checkpoint.read_config(spec.path)
         reason = qwen3.unsupported(raw) if spec.is_qwen3 else bert.unsupported(raw)
     if reason and impl == "native":
         raise ConfigError(f"model {spec.source!r} cannot run on rayembed's native implementation: {reason}")
@@ -280,15 +280,7 @@ def check_reranker_dir(spec: ModelSpec) -> None:
 
 
 def _checkpoint_keys(path: str) -> set[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return set(json.load(f).get("weight_map", {}))
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="numpy") as f:  # keys only: no torch
-                keys.update(f.keys())
-    return keys
+    try:
+        return set(checkpoint.checkpoint_files(path))
+    except FileNotFoundError:
+        return set()

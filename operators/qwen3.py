@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from operators import native
+from operators import checkpoint, native
 
 
 @dataclass(frozen=True)
@@ -207,8 +207,8 @@ def load_decoder(
     """The decoder with the checkpoint's weights in ``dtype`` on ``device``, in eval mode, and, when ``head_rows`` is
     given, those rows of ``lm_head`` (of the tied embedding when the head is tied) as [len(head_rows), hidden] in
     ``dtype``: the rest of the head is never read."""
-    config = Qwen3Config.from_dict(native.read_config(path))
-    files = native.checkpoint_files(path)
+    config = Qwen3Config.from_dict(checkpoint.read_config(path))
+    files = checkpoint.checkpoint_files(path)
     head_key = "lm_head.weight" if "lm_head.weight" in files and not config.tie_word_embeddings else None
     load_to = str(device) if device.type == "cuda" else "cpu"
     model = Qwen3Decoder(config)
